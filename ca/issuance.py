@@ -1,0 +1,455 @@
+"""The one issuance path: ACME finalize and `certwright issue` both end in `issue()` here.
+
+The steps, in order (DESIGN.md §3); each is marked `# Step N` below:
+1. Policy: the profile checks the subject key, the names and the lifetime; a refusal names its
+   rule and is audited.
+2. Reserve: a 128-bit CSPRNG serial is recorded as `pending` (UNIQUE in the database) before
+   anything is signed; a collision draws again.
+3. Lint: the to-be-signed certificate is signed with a throw-away key of the issuer's type and
+   linted with pkilint; an ERROR marks the serial `failed` and refuses issuance.
+4. Sign: the same builder is signed by the issuer's key in the HSM.
+5. Record: DER, status `issued` and an audit event are written in one transaction; only then is
+   the certificate returned. A crash between 2 and 5 leaves a `pending` row and releases nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import threading
+from collections.abc import Callable, Mapping, Sequence
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from ca import certs, lint, policy
+from ca.clock import Clock, SystemClock
+from ca.errors import CAError, Kind
+from ca.hsm import HsmPrivateKey, Token, signature_hash
+from ca.policy import Identifier, PublicKey
+from ca.profiles import EKU_OIDS, Profile
+from ca.storage import CertificateRecord, IssuerRecord, Reservation, Storage
+
+# Leaf certificates start this far in the past so a relying party whose clock is slightly
+# behind does not reject a certificate that was just issued.
+BACKDATE = datetime.timedelta(minutes=5)
+_RESERVE_ATTEMPTS = 5
+
+
+@dataclasses.dataclass(frozen=True)
+class IssuanceRequest:
+    """What a caller asks for; validated against the profile in step 1."""
+
+    public_key: PublicKey
+    identifiers: tuple[Identifier, ...]
+    profile: str
+    validity: datetime.timedelta | None = None
+    issuer: str | None = None
+    owner: str | None = None
+    source: str = "cli"  # who asked: "cli:<user>", "acme:<account URL>", ...
+
+
+@dataclasses.dataclass(frozen=True)
+class IssuedCertificate:
+    record: CertificateRecord
+    certificate: x509.Certificate
+    chain: tuple[x509.Certificate, ...]  # issuing intermediate(s), leaf's issuer first; no root
+
+    def pem(self) -> str:
+        return self.certificate.public_bytes(serialization.Encoding.PEM).decode()
+
+    def chain_pem(self) -> str:
+        return "".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in self.chain)
+
+    def fullchain_pem(self) -> str:
+        return self.pem() + self.chain_pem()
+
+
+@dataclasses.dataclass
+class _LoadedIssuer:
+    record: IssuerRecord
+    certificate: x509.Certificate
+    chain: tuple[x509.Certificate, ...]
+    key: HsmPrivateKey | None = None
+
+
+class _ThrowawayKeys:
+    """Software keys of each issuer key type, made once per process, used only to lint."""
+
+    def __init__(self) -> None:
+        self._keys: dict[str, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey] = {}
+        self._lock = threading.Lock()
+
+    def like(self, public: PublicKey) -> ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey:
+        name = certs.key_type_of(public)
+        with self._lock:
+            key = self._keys.get(name)
+            if key is None:
+                if isinstance(public, ec.EllipticCurvePublicKey):
+                    key = ec.generate_private_key(public.curve)
+                else:
+                    key = rsa.generate_private_key(65537, public.key_size)
+                self._keys[name] = key
+            return key
+
+
+_THROWAWAY = _ThrowawayKeys()
+
+
+class CertificateAuthority:
+    """Issues and revokes leaf certificates for the online intermediates."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        token: Token | Callable[[], Token],
+        profiles: Mapping[str, Profile],
+        *,
+        public_base_url: str,
+        crl_shards: int = 16,
+        default_issuer: str | None = None,
+        clock: Clock | None = None,
+        lint_enabled: bool = True,
+    ) -> None:
+        self.storage = storage
+        self._token_source = token
+        self._token: Token | None = token if isinstance(token, Token) else None
+        self.profiles = dict(profiles)
+        self.public_base_url = public_base_url.rstrip("/")
+        self.crl_shards = crl_shards
+        self.default_issuer = default_issuer or None
+        self.clock = clock or SystemClock()
+        self.lint_enabled = lint_enabled
+        self._issuers: dict[str, _LoadedIssuer] = {}
+        self._lock = threading.Lock()
+
+    # -- issuers ----------------------------------------------------------------------------
+
+    @property
+    def token(self) -> Token:
+        if self._token is None:
+            assert callable(self._token_source)
+            self._token = self._token_source()
+        return self._token
+
+    def _loaded(self, issuer_id: str) -> _LoadedIssuer:
+        with self._lock:
+            loaded = self._issuers.get(issuer_id)
+            if loaded is None:
+                record = self.storage.get_issuer(issuer_id)
+                chain: list[x509.Certificate] = []
+                parent = record.parent_id
+                while parent is not None:
+                    parent_record = self.storage.get_issuer(parent)
+                    if parent_record.kind == "root":
+                        break
+                    chain.append(x509.load_der_x509_certificate(parent_record.cert_der))
+                    parent = parent_record.parent_id
+                loaded = _LoadedIssuer(
+                    record, x509.load_der_x509_certificate(record.cert_der), tuple(chain)
+                )
+                self._issuers[issuer_id] = loaded
+            return loaded
+
+    def _issuer_key(self, loaded: _LoadedIssuer) -> HsmPrivateKey:
+        if loaded.key is None:
+            assert loaded.record.key_label is not None
+            loaded.key = self.token.key(loaded.record.key_label)
+        return loaded.key
+
+    def forget_issuers(self) -> None:
+        """Drop cached issuer state (after a ceremony added or retired one)."""
+        with self._lock:
+            self._issuers.clear()
+
+    def select_issuer(self, requested: str | None, profile: Profile) -> _LoadedIssuer:
+        issuer_id = requested or profile.issuer or self.default_issuer
+        if issuer_id is None:
+            active = [
+                i
+                for i in self.storage.list_issuers()
+                if i.kind == "intermediate" and i.status == "active"
+            ]
+            if not active:
+                raise CAError(
+                    Kind.CONFIG,
+                    "no active intermediate: run `certwright ceremony intermediate` first",
+                )
+            if len(active) > 1:
+                raise CAError(
+                    Kind.CONFIG,
+                    "several active intermediates: set ca.default_issuer or name --issuer "
+                    f"({', '.join(i.id for i in active)})",
+                )
+            issuer_id = active[0].id
+        loaded = self._loaded(issuer_id)
+        if loaded.record.kind != "intermediate":
+            raise CAError(
+                Kind.POLICY,
+                f"issuer {issuer_id!r} is not an online intermediate",
+                rule="issuer.kind",
+            )
+        if loaded.record.status != "active":
+            raise CAError(
+                Kind.POLICY, f"issuer {issuer_id!r} is {loaded.record.status}", rule="issuer.status"
+            )
+        return loaded
+
+    # -- issuance ---------------------------------------------------------------------------
+
+    def issue_from_csr(
+        self,
+        csr_data: bytes | x509.CertificateSigningRequest,
+        profile: str,
+        *,
+        validity: datetime.timedelta | None = None,
+        issuer: str | None = None,
+        owner: str | None = None,
+        source: str = "cli",
+    ) -> IssuedCertificate:
+        """Parse and check a PKCS#10 request, then issue through `issue`."""
+        try:
+            csr = (
+                csr_data
+                if isinstance(csr_data, x509.CertificateSigningRequest)
+                else policy.parse_csr(csr_data)
+            )
+            policy.check_csr_signature(csr)
+            key = policy.csr_public_key(csr)
+            identifiers = policy.csr_identifiers(csr)
+        except CAError as exc:
+            self._refused(source, "csr", exc)
+            raise
+        return self.issue(
+            IssuanceRequest(
+                public_key=key,
+                identifiers=identifiers,
+                profile=profile,
+                validity=validity,
+                issuer=issuer,
+                owner=owner,
+                source=source,
+            )
+        )
+
+    def check(
+        self, request: IssuanceRequest
+    ) -> tuple[Profile, tuple[Identifier, ...], datetime.timedelta]:
+        """Step 1 on its own: the profile's verdict on a request, without issuing."""
+        profile = self.profiles.get(request.profile)
+        if profile is None:
+            raise CAError(
+                Kind.POLICY,
+                f"unknown profile {request.profile!r} (known: {', '.join(sorted(self.profiles))})",
+                rule="profile.unknown",
+            )
+        policy.check_public_key(request.public_key, profile)
+        identifiers = policy.check_identifiers(request.identifiers, profile)
+        validity = policy.check_validity(request.validity, profile)
+        return profile, identifiers, validity
+
+    def issue(self, request: IssuanceRequest) -> IssuedCertificate:
+        # Step 1: policy.
+        try:
+            profile, identifiers, validity = self.check(request)
+            issuer = self.select_issuer(request.issuer, profile)
+        except CAError as exc:
+            self._refused(request.source, ",".join(map(str, request.identifiers))[:200], exc)
+            raise
+
+        now = certs.utcnow_floor(self.clock.now())
+        not_before = now - BACKDATE
+        # RFC 5280 §4.1.2.5: validity is inclusive of notAfter, hence the second less.
+        not_after = min(
+            not_before + validity - datetime.timedelta(seconds=1),
+            issuer.certificate.not_valid_after_utc,
+        )
+        common_name = policy.common_name_for(identifiers)
+
+        # Step 2: reserve a serial, on record as pending before anything is signed.
+        serial, certificate_id = self._reserve(
+            request, issuer, profile, identifiers, common_name, not_before, not_after
+        )
+        builder = self._builder(
+            request.public_key,
+            issuer,
+            profile,
+            identifiers,
+            common_name,
+            serial,
+            not_before,
+            not_after,
+        )
+        algorithm = signature_hash(issuer.certificate.public_key())  # type: ignore[arg-type]
+
+        # Step 3: lint the to-be-signed certificate before the issuer's key touches it.
+        if self.lint_enabled:
+            try:
+                throwaway = _THROWAWAY.like(issuer.certificate.public_key())  # type: ignore[arg-type]
+                lint.require_clean(
+                    lint.lint_certificate(
+                        builder.sign(throwaway, algorithm).public_bytes(serialization.Encoding.DER)
+                    ),
+                    "certificate",
+                )
+            except CAError as exc:
+                self._mark_failed_quietly(certificate_id, str(exc), request.source)
+                raise
+
+        # Step 4: sign in the HSM.
+        try:
+            certificate = builder.sign(self._issuer_key(issuer), algorithm)
+        except CAError as exc:
+            issuer.key = None  # reload the key handle once the token is back
+            self._mark_failed_quietly(certificate_id, str(exc), request.source)
+            raise
+
+        # Step 5: record, then release.
+        record = self.storage.record_certificate(
+            certificate_id, certificate.public_bytes(serialization.Encoding.DER), request.source
+        )
+        return IssuedCertificate(record, certificate, (issuer.certificate, *issuer.chain))
+
+    def _reserve(
+        self,
+        request: IssuanceRequest,
+        issuer: _LoadedIssuer,
+        profile: Profile,
+        identifiers: Sequence[Identifier],
+        common_name: str | None,
+        not_before: datetime.datetime,
+        not_after: datetime.datetime,
+    ) -> tuple[int, int]:
+        for _ in range(_RESERVE_ATTEMPTS):
+            serial = certs.new_serial()
+            try:
+                certificate_id = self.storage.reserve_serial(
+                    Reservation(
+                        serial=certs.serial_hex(serial),
+                        issuer_id=issuer.record.id,
+                        profile=profile.name,
+                        common_name=common_name,
+                        names=tuple(i.value for i in identifiers),
+                        key_type=certs.key_type_of(request.public_key),
+                        spki_sha256=certs.spki_sha256(request.public_key),
+                        not_before=not_before,
+                        not_after=not_after,
+                        crl_shard=serial % self.crl_shards,
+                        owner=request.owner,
+                        source=request.source,
+                    )
+                )
+            except CAError as exc:
+                if exc.kind is Kind.CONFLICT:
+                    continue  # a serial collision: draw again (astronomically rare at 128 bits)
+                raise
+            return serial, certificate_id
+        raise CAError(Kind.INTERNAL, "could not reserve a unique serial number")
+
+    def _builder(
+        self,
+        public_key: PublicKey,
+        issuer: _LoadedIssuer,
+        profile: Profile,
+        identifiers: Sequence[Identifier],
+        common_name: str | None,
+        serial: int,
+        not_before: datetime.datetime,
+        not_after: datetime.datetime,
+    ) -> x509.CertificateBuilder:
+        subject = (
+            x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, common_name)])
+            if common_name
+            else x509.Name([])
+        )
+        # RSA subject keys may be used for TLS 1.2 key transport; EC keys only sign (RFC 5480).
+        key_encipherment = isinstance(public_key, rsa.RSAPublicKey)
+        issuer_id = issuer.record.id
+        base = self.public_base_url
+        return (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(issuer.certificate.subject)
+            .public_key(public_key)
+            .serial_number(serial)
+            .not_valid_before(not_before)
+            .not_valid_after(not_after)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=key_encipherment,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=False,
+                    crl_sign=False,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(
+                x509.ExtendedKeyUsage([EKU_OIDS[e] for e in profile.ekus]), critical=False
+            )
+            # RFC 5280 §4.2.1.6: the SAN is critical when the subject is empty.
+            .add_extension(certs.subject_alt_name(identifiers), critical=common_name is None)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+            .add_extension(certs.authority_key_identifier(issuer.certificate), critical=False)
+            .add_extension(certs.aia(base, issuer_id, with_ocsp=True), critical=False)
+            .add_extension(
+                certs.crl_distribution_points(
+                    certs.crl_url(base, issuer_id, serial % self.crl_shards)
+                ),
+                critical=False,
+            )
+        )
+
+    def _refused(self, actor: str, subject: str, exc: CAError) -> None:
+        # The refusal stands even when the database cannot note it.
+        with contextlib.suppress(CAError):
+            self.storage.audit(
+                actor,
+                "certificate.issue",
+                subject,
+                "refused",
+                {"rule": exc.rule, "kind": exc.kind.value, "detail": exc.detail},
+            )
+
+    def _mark_failed_quietly(self, certificate_id: int, reason: str, actor: str) -> None:
+        # If even this fails the row stays pending, which is as safe: nothing was released.
+        with contextlib.suppress(CAError):
+            self.storage.mark_failed(certificate_id, reason, actor)
+
+    # -- revocation -------------------------------------------------------------------------
+
+    def revoke(self, serial: str, reason: int | str, actor: str = "cli") -> CertificateRecord:
+        code = revocation_reason_code(reason)
+        return self.storage.revoke(certs.parse_serial(serial), code, actor)
+
+
+def revocation_reason_code(reason: int | str) -> int:
+    """An RFC 5280 §5.3.1 reason code we accept, from its name or number."""
+    if isinstance(reason, str):
+        if reason.isdigit():
+            reason = int(reason)
+        else:
+            matches = [
+                c for n, c in certs.REVOCATION_REASONS.items() if n.lower() == reason.lower()
+            ]
+            if not matches:
+                raise CAError(
+                    Kind.BAD_REVOCATION_REASON,
+                    f"unknown revocation reason {reason!r}; use one of "
+                    f"{', '.join(certs.REVOCATION_REASONS)}",
+                )
+            return matches[0]
+    if reason not in certs.REASON_NAMES:
+        raise CAError(
+            Kind.BAD_REVOCATION_REASON,
+            f"revocation reason {reason} is not accepted (certificateHold and removeFromCRL are "
+            "never used; 7 is unassigned)",
+        )
+    return reason

@@ -1,0 +1,222 @@
+"""pkilint, loaded once per process: certificates, chains, CRLs and OCSP responses.
+
+Building pkilint's validator trees is far costlier than running them, and linting is already the
+largest share of the issuance path (~3.4 ms of ~4 ms per certificate, DESIGN.md §6), so each
+tree is built on first use and kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import threading
+from typing import Any
+
+from ca.errors import CAError, Kind
+
+_lock = threading.Lock()
+
+
+@dataclasses.dataclass(frozen=True)
+class Finding:
+    severity: str  # "FATAL" | "ERROR" | "WARNING" | "NOTICE" | "INFO"
+    code: str
+    path: str
+    message: str | None = None
+
+    def __str__(self) -> str:
+        text = f"{self.severity} {self.code} at {self.path}"
+        return f"{text}: {self.message}" if self.message else text
+
+
+def _findings(results: Any) -> list[Finding]:
+    out: list[Finding] = []
+    for result in results:
+        for description in result.finding_descriptions:
+            out.append(
+                Finding(
+                    severity=description.finding.severity.name,
+                    code=description.finding.code,
+                    path=result.node.path,
+                    message=description.message,
+                )
+            )
+    return out
+
+
+def errors(findings: list[Finding]) -> list[Finding]:
+    """Findings of severity ERROR or worse: each of these refuses what was linted."""
+    return [f for f in findings if f.severity in ("FATAL", "ERROR")]
+
+
+@functools.cache
+def _certificate_validator() -> Any:
+    from pkilint.pkix import certificate, extension, name
+
+    return certificate.create_pkix_certificate_validator_container(
+        certificate.create_decoding_validators(
+            name.ATTRIBUTE_TYPE_MAPPINGS, extension.EXTENSION_MAPPINGS
+        ),
+        [
+            certificate.create_issuer_validator_container([]),
+            certificate.create_validity_validator_container(),
+            certificate.create_subject_validator_container([]),
+            certificate.create_extensions_validator_container([]),
+            certificate.create_spki_validator_container([]),
+        ],
+    )
+
+
+@functools.cache
+def _crl_validator(arl: bool, br: bool) -> Any:
+    from pkilint import pkix
+    from pkilint.cabf import cabf_crl
+    from pkilint.pkix import crl, extension, name
+
+    crl_type = (
+        crl.CertificateRevocationListType.ARL if arl else crl.CertificateRevocationListType.CRL
+    )
+    validity: list[Any] = []
+    document: list[Any] = []
+    if br:
+        document.append(cabf_crl.CabfCrlReasonCodeAllowlistValidator(crl_type))
+        validity.append(cabf_crl.create_validity_period_validator(crl_type))
+    return crl.create_pkix_crl_validator_container(
+        [
+            pkix.create_attribute_decoder(name.ATTRIBUTE_TYPE_MAPPINGS),
+            pkix.create_extension_decoder(extension.EXTENSION_MAPPINGS),
+        ],
+        [
+            crl.create_issuer_validator_container([]),
+            crl.create_validity_validator_container(validity),
+            crl.create_extensions_validator_container([]),
+            *document,
+        ],
+    )
+
+
+@functools.cache
+def _ocsp_validator() -> Any:
+    from pkilint import pkix
+    from pkilint.pkix import extension, name, ocsp
+
+    return ocsp.create_pkix_ocsp_response_validator_container(
+        [
+            ocsp.create_response_decoder(),
+            pkix.create_attribute_decoder(name.ATTRIBUTE_TYPE_MAPPINGS),
+            pkix.create_extension_decoder(extension.EXTENSION_MAPPINGS),
+        ],
+        [],
+    )
+
+
+@functools.cache
+def _chain_validators() -> tuple[Any, Any, Any]:
+    from pkilint import document, pkix, validation
+    from pkilint.pkix import algorithm, certificate, extension, key, name
+    from pkilint.pkix.certificate import certificate_extension, certificate_key
+    from pyasn1_alt_modules import rfc5280
+
+    decoders = validation.ValidatorContainer(
+        validators=[
+            pkix.create_attribute_decoder(name.ATTRIBUTE_TYPE_MAPPINGS),
+            pkix.create_extension_decoder(extension.EXTENSION_MAPPINGS),
+            pkix.create_signature_algorithm_identifier_decoder(
+                algorithm.SIGNATURE_ALGORITHM_IDENTIFIER_MAPPINGS,
+                path="certificate.tbsCertificate.signature",
+            ),
+            certificate.create_spki_decoder(
+                key.SUBJECT_PUBLIC_KEY_ALGORITHM_IDENTIFIER_MAPPINGS,
+                key.SUBJECT_KEY_PARAMETER_ALGORITHM_IDENTIFIER_MAPPINGS,
+            ),
+        ],
+        path="certificate",
+    )
+    issuer = validation.ValidatorContainer(
+        validators=[
+            name.IssuerSubjectNameBinaryEqualValidator(
+                path="certificate.tbsCertificate.subject",
+                subject_document_issuer_dn_path="subject:certificate.tbsCertificate.issuer",
+            ),
+            extension.IssuerSubjectKeyIdentifierBinaryEqualValidator(
+                subject_auth_key_id_retriever=(
+                    lambda n: document.get_document_by_name(n, "subject").get_extension_by_oid(
+                        rfc5280.id_ce_authorityKeyIdentifier
+                    )
+                )
+            ),
+            certificate_extension.IssuerSubjectPolicyChainValidator(),
+        ]
+    )
+    subject = validation.ValidatorContainer(
+        validators=[
+            certificate_key.SubjectSignatureVerificationValidator(
+                tbs_node_retriever=lambda n: n.navigate("^.tbsCertificate"),
+                path="certificate.signature",
+            )
+        ]
+    )
+    return decoders, issuer, subject
+
+
+def _load(
+    loader_cls_name: str, der: bytes, name: str, collection: dict[str, Any] | None = None
+) -> Any:
+    from pkilint import loader
+
+    loader_obj = getattr(loader, loader_cls_name)()
+    try:
+        if collection is None:
+            return loader_obj.load_der_document(der, name)
+        return loader_obj.load_der_document(der, name, name, collection)
+    except Exception as exc:  # pyasn1 raises its own PyAsn1Error, not a ValueError
+        raise CAError(Kind.LINT, f"pkilint cannot decode the {name}: {exc}") from None
+
+
+def lint_certificate(der: bytes) -> list[Finding]:
+    """RFC 5280 certificate lint (pkilint's `lint_pkix_cert`)."""
+    with _lock:
+        validator = _certificate_validator()
+        document = _load("RFC5280CertificateDocumentLoader", der, "certificate")
+        return _findings(validator.validate(document.root))
+
+
+def lint_chain(issuer_der: bytes, subject_der: bytes) -> list[Finding]:
+    """Issuer/subject pair lint (pkilint's `lint_pkix_signer_signee_cert_chain`)."""
+    with _lock:
+        decoders, issuer_v, subject_v = _chain_validators()
+        collection: dict[str, Any] = {}
+        issuer = _load("RFC5280CertificateDocumentLoader", issuer_der, "issuer", collection)
+        collection["issuer"] = issuer
+        subject = _load("RFC5280CertificateDocumentLoader", subject_der, "subject", collection)
+        collection["subject"] = subject
+        results = decoders.validate(issuer.root) + decoders.validate(subject.root)
+        results += issuer_v.validate(issuer.root) + subject_v.validate(subject.root)
+        return _findings(results)
+
+
+def lint_crl(der: bytes, *, arl: bool = False, br: bool = False) -> list[Finding]:
+    """RFC 5280 CRL lint (pkilint's `lint_crl -t CRL|ARL -p PKIX|BR`)."""
+    with _lock:
+        validator = _crl_validator(arl, br)
+        document = _load("RFC5280CertificateListDocumentLoader", der, "CRL")
+        return _findings(validator.validate(document.root))
+
+
+def lint_ocsp_response(der: bytes) -> list[Finding]:
+    """RFC 6960 OCSP response lint (pkilint's `lint_ocsp_response`)."""
+    with _lock:
+        validator = _ocsp_validator()
+        document = _load("RFC6960OCSPResponseDocumentLoader", der, "OCSP response")
+        return _findings(validator.validate(document.root))
+
+
+def require_clean(findings: list[Finding], what: str) -> None:
+    """Refuse (CAError LINT, rule `lint.<code>`) when pkilint reported an ERROR or worse."""
+    bad = errors(findings)
+    if bad:
+        raise CAError(
+            Kind.LINT,
+            f"pkilint refused the {what}: " + "; ".join(str(f) for f in bad[:3]),
+            rule=f"lint.{bad[0].code}",
+        )

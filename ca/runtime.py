@@ -1,0 +1,60 @@
+"""Wiring: from a Config to the storage, token and certificate authority a process uses.
+
+Everything is built lazily, so a command that needs only the database never opens the HSM, and
+a forked server worker opens its own PKCS#11 session (DESIGN.md §6).
+"""
+
+from __future__ import annotations
+
+import functools
+
+from ca.clock import Clock, SystemClock
+from ca.config import Config
+from ca.hsm import Token
+from ca.issuance import CertificateAuthority
+from ca.profiles import Profile, load_profiles
+from ca.storage import Storage
+
+
+class Runtime:
+    def __init__(self, config: Config, clock: Clock | None = None) -> None:
+        self.config = config
+        self.clock = clock or SystemClock()
+
+    @functools.cached_property
+    def storage(self) -> Storage:
+        storage = Storage(self.config.database_url(), clock=self.clock)
+        if self.config.get("database", "auto_migrate"):
+            storage.migrate()
+        return storage
+
+    @functools.cached_property
+    def token(self) -> Token:
+        return Token(
+            self.config.hsm_module(),
+            str(self.config.get("hsm", "token_label")),
+            self.config.hsm_pin(),
+        )
+
+    @functools.cached_property
+    def profiles(self) -> dict[str, Profile]:
+        return load_profiles(self.config.profiles)
+
+    @functools.cached_property
+    def authority(self) -> CertificateAuthority:
+        return CertificateAuthority(
+            self.storage,
+            lambda: self.token,
+            self.profiles,
+            public_base_url=self.config.public_base_url,
+            crl_shards=self.config.crl_shards,
+            default_issuer=str(self.config.get("ca", "default_issuer")) or None,
+            clock=self.clock,
+            lint_enabled=bool(self.config.get("ca", "lint")),
+        )
+
+    def close(self) -> None:
+        if "token" in self.__dict__:
+            self.token.close()
+        if "storage" in self.__dict__:
+            self.storage.dispose()

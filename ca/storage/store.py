@@ -1,0 +1,530 @@
+"""The one storage interface. Its methods are domain facts; every state change is a conditional
+UPDATE whose row count is checked, so two processes racing on one row cannot both win."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import fnmatch
+import json
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import ColumnElement, Engine, create_engine, event, func, select, update
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from ca.clock import Clock, SystemClock
+from ca.errors import CAError, Kind
+from ca.storage.models import AuditEvent, Certificate, CertificateName, Crl, Issuer
+
+MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+
+
+@dataclasses.dataclass(frozen=True)
+class IssuerRecord:
+    id: str
+    kind: str
+    parent_id: str | None
+    key_label: str | None
+    key_type: str
+    subject: str
+    ski: str
+    spki_sha256: str
+    cert_der: bytes
+    not_before: datetime.datetime
+    not_after: datetime.datetime
+    status: str
+    revoked_at: datetime.datetime | None = None
+    revocation_reason: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class CertificateRecord:
+    id: int
+    serial: str
+    issuer_id: str
+    profile: str
+    status: str
+    common_name: str | None
+    names: tuple[str, ...]
+    key_type: str
+    spki_sha256: str
+    not_before: datetime.datetime
+    not_after: datetime.datetime
+    crl_shard: int
+    der: bytes | None
+    owner: str | None
+    source: str
+    created_at: datetime.datetime
+    issued_at: datetime.datetime | None
+    revoked_at: datetime.datetime | None
+    revocation_reason: int | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "serial": self.serial,
+            "issuer": self.issuer_id,
+            "profile": self.profile,
+            "status": self.status,
+            "common_name": self.common_name,
+            "names": list(self.names),
+            "key_type": self.key_type,
+            "not_before": self.not_before.isoformat(),
+            "not_after": self.not_after.isoformat(),
+            "owner": self.owner,
+            "source": self.source,
+            "issued_at": self.issued_at.isoformat() if self.issued_at else None,
+            "revoked_at": self.revoked_at.isoformat() if self.revoked_at else None,
+            "revocation_reason": self.revocation_reason,
+            "crl_shard": self.crl_shard,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class Reservation:
+    """What is known of a certificate before it is signed (DESIGN.md §3 step 2)."""
+
+    serial: str
+    issuer_id: str
+    profile: str
+    common_name: str | None
+    names: tuple[str, ...]
+    key_type: str
+    spki_sha256: str
+    not_before: datetime.datetime
+    not_after: datetime.datetime
+    crl_shard: int
+    owner: str | None
+    source: str
+
+
+@dataclasses.dataclass(frozen=True)
+class CertificateFilter:
+    status: str | None = None
+    name: str | None = None  # exact name, or a glob with * and ?
+    profile: str | None = None
+    issuer: str | None = None
+    owner: str | None = None
+    expiring_before: datetime.datetime | None = None
+    limit: int = 1000
+
+
+def _issuer_record(row: Issuer) -> IssuerRecord:
+    return IssuerRecord(
+        id=row.id,
+        kind=row.kind,
+        parent_id=row.parent_id,
+        key_label=row.key_label,
+        key_type=row.key_type,
+        subject=row.subject,
+        ski=row.ski,
+        spki_sha256=row.spki_sha256,
+        cert_der=row.cert_der,
+        not_before=row.not_before,
+        not_after=row.not_after,
+        status=row.status,
+        revoked_at=row.revoked_at,
+        revocation_reason=row.revocation_reason,
+    )
+
+
+def _certificate_record(row: Certificate) -> CertificateRecord:
+    return CertificateRecord(
+        id=row.id,
+        serial=row.serial,
+        issuer_id=row.issuer_id,
+        profile=row.profile,
+        status=row.status,
+        common_name=row.common_name,
+        names=tuple(row.names.split()),
+        key_type=row.key_type,
+        spki_sha256=row.spki_sha256,
+        not_before=row.not_before,
+        not_after=row.not_after,
+        crl_shard=row.crl_shard,
+        der=row.der,
+        owner=row.owner,
+        source=row.source,
+        created_at=row.created_at,
+        issued_at=row.issued_at,
+        revoked_at=row.revoked_at,
+        revocation_reason=row.revocation_reason,
+    )
+
+
+def normalize_database_url(url: str) -> str:
+    """Use psycopg 3 for PostgreSQL whatever driver the URL names by default."""
+    parsed = make_url(url)
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed.render_as_string(hide_password=False)
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    # WAL lets readers proceed while one writer commits; synchronous=FULL keeps a committed
+    # issuance record durable across power loss, which a CA owes its inventory.
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+class Storage:
+    """All persistent state of the CA, behind methods named after what they record."""
+
+    def __init__(self, url: str, *, clock: Clock | None = None, echo: bool = False) -> None:
+        self.url = normalize_database_url(url)
+        self.clock = clock or SystemClock()
+        self.dialect = make_url(self.url).get_backend_name()
+        kwargs: dict[str, Any] = {"echo": echo, "future": True}
+        if self.dialect == "sqlite":
+            database = make_url(self.url).database
+            if database and database != ":memory:":
+                Path(database).parent.mkdir(parents=True, exist_ok=True)
+        else:
+            kwargs.update(pool_pre_ping=True, pool_size=5, max_overflow=5)
+        try:
+            self.engine: Engine = create_engine(self.url, **kwargs)
+        except (SQLAlchemyError, ImportError, ValueError) as exc:
+            raise CAError(Kind.CONFIG, f"cannot use database URL: {exc}") from None
+        if self.dialect == "sqlite":
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        """One unit of work; database failures become CAError(STORAGE) with a safe detail."""
+        try:
+            with self._sessions() as session, session.begin():
+                yield session
+        except CAError:
+            raise
+        except IntegrityError as exc:
+            raise CAError(Kind.CONFLICT, f"database constraint violated: {_short(exc)}") from None
+        except OperationalError as exc:
+            raise CAError(Kind.STORAGE, f"database unavailable: {_short(exc)}") from None
+        except SQLAlchemyError as exc:
+            raise CAError(Kind.STORAGE, f"database error: {_short(exc)}") from None
+
+    # -- schema -----------------------------------------------------------------------------
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest Alembic revision."""
+        from alembic import command
+        from alembic.config import Config as AlembicConfig
+
+        cfg = AlembicConfig()
+        cfg.set_main_option("script_location", str(MIGRATIONS))
+        try:
+            with self.engine.begin() as connection:
+                cfg.attributes["connection"] = connection
+                command.upgrade(cfg, "head")
+        except OperationalError as exc:
+            raise CAError(Kind.STORAGE, f"database unavailable: {_short(exc)}") from None
+
+    def ping(self) -> None:
+        with self.transaction() as session:
+            session.execute(select(1))
+
+    # -- issuers ----------------------------------------------------------------------------
+
+    def add_issuer(self, record: IssuerRecord) -> None:
+        with self.transaction() as session:
+            if session.get(Issuer, record.id) is not None:
+                raise CAError(Kind.CONFLICT, f"an issuer named {record.id!r} already exists")
+            session.add(Issuer(**dataclasses.asdict(record), created_at=self.clock.now()))
+
+    def get_issuer(self, issuer_id: str) -> IssuerRecord:
+        with self.transaction() as session:
+            row = session.get(Issuer, issuer_id)
+            if row is None:
+                raise CAError(Kind.NOT_FOUND, f"no issuer named {issuer_id!r}")
+            return _issuer_record(row)
+
+    def list_issuers(self) -> list[IssuerRecord]:
+        with self.transaction() as session:
+            rows = session.scalars(select(Issuer).order_by(Issuer.created_at, Issuer.id))
+            return [_issuer_record(r) for r in rows]
+
+    def set_issuer_status(self, issuer_id: str, status: str, actor: str) -> None:
+        """Retire an issuer (it keeps serving what it issued) or make it active again."""
+        with self.transaction() as session:
+            result = session.execute(
+                update(Issuer)
+                .where(Issuer.id == issuer_id, Issuer.status != "revoked")
+                .values(status=status)
+            )
+            if result.rowcount != 1:  # type: ignore[attr-defined]  # CursorResult has rowcount
+                raise CAError(Kind.NOT_FOUND, f"no unrevoked issuer named {issuer_id!r}")
+            self._audit(session, actor, f"issuer.{status}", f"issuer:{issuer_id}", "success", {})
+
+    def revoke_issuer(self, issuer_id: str, reason: int, actor: str) -> None:
+        with self.transaction() as session:
+            result = session.execute(
+                update(Issuer)
+                .where(
+                    Issuer.id == issuer_id,
+                    Issuer.kind == "intermediate",
+                    Issuer.status != "revoked",
+                )
+                .values(status="revoked", revoked_at=self.clock.now(), revocation_reason=reason)
+            )
+            if result.rowcount != 1:  # type: ignore[attr-defined]
+                if session.get(Issuer, issuer_id) is None:
+                    raise CAError(Kind.NOT_FOUND, f"no issuer named {issuer_id!r}")
+                raise CAError(
+                    Kind.ALREADY_REVOKED, f"issuer {issuer_id!r} is already revoked or a root"
+                )
+            self._audit(
+                session,
+                actor,
+                "issuer.revoke",
+                f"issuer:{issuer_id}",
+                "success",
+                {"reason": reason},
+            )
+
+    # -- issuance ---------------------------------------------------------------------------
+
+    def reserve_serial(self, reservation: Reservation) -> int:
+        """Record a pending certificate under a fresh serial before anything is signed.
+
+        Raises CAError(CONFLICT) when the serial exists already (the UNIQUE constraint), so the
+        caller draws another. Returns the row id.
+        """
+        row = Certificate(
+            **dataclasses.asdict(reservation) | {"names": " ".join(reservation.names)},
+            status="pending",
+            der=None,
+            created_at=self.clock.now(),
+        )
+        with self.transaction() as session:
+            session.add(row)
+            session.flush()
+            session.add_all(
+                CertificateName(certificate_id=row.id, name=n) for n in reservation.names
+            )
+            return row.id
+
+    def record_certificate(self, certificate_id: int, der: bytes, actor: str) -> CertificateRecord:
+        """Mark a pending certificate issued with its DER, with an audit event, atomically."""
+        now = self.clock.now()
+        with self.transaction() as session:
+            result = session.execute(
+                update(Certificate)
+                .where(Certificate.id == certificate_id, Certificate.status == "pending")
+                .values(status="issued", der=der, issued_at=now)
+            )
+            if result.rowcount != 1:  # type: ignore[attr-defined]
+                raise CAError(Kind.INTERNAL, "the reserved certificate is no longer pending")
+            row = session.get_one(Certificate, certificate_id)
+            self._audit(
+                session,
+                actor,
+                "certificate.issue",
+                f"serial:{row.serial}",
+                "success",
+                {"names": row.names.split(), "profile": row.profile, "issuer": row.issuer_id},
+            )
+            return _certificate_record(row)
+
+    def mark_failed(self, certificate_id: int, reason: str, actor: str) -> None:
+        """A reserved serial whose signing failed stays on record, never reused."""
+        with self.transaction() as session:
+            session.execute(
+                update(Certificate)
+                .where(Certificate.id == certificate_id, Certificate.status == "pending")
+                .values(status="failed", failure=reason[:512])
+            )
+            row = session.get_one(Certificate, certificate_id)
+            self._audit(
+                session,
+                actor,
+                "certificate.issue",
+                f"serial:{row.serial}",
+                "failed",
+                {"reason": reason},
+            )
+
+    def revoke(
+        self, serial: str, reason: int, actor: str, when: datetime.datetime | None = None
+    ) -> CertificateRecord:
+        """Revoke an issued certificate; `alreadyRevoked` and `notFound` are told apart."""
+        when = when or self.clock.now()
+        with self.transaction() as session:
+            result = session.execute(
+                update(Certificate)
+                .where(Certificate.serial == serial, Certificate.status == "issued")
+                .values(status="revoked", revoked_at=when, revocation_reason=reason)
+            )
+            row = session.scalar(select(Certificate).where(Certificate.serial == serial))
+            if result.rowcount != 1:  # type: ignore[attr-defined]
+                if row is None or row.status in ("pending", "failed"):
+                    raise CAError(Kind.NOT_FOUND, f"no issued certificate with serial {serial}")
+                raise CAError(Kind.ALREADY_REVOKED, f"certificate {serial} is already revoked")
+            assert row is not None
+            self._audit(
+                session,
+                actor,
+                "certificate.revoke",
+                f"serial:{serial}",
+                "success",
+                {"reason": reason},
+            )
+            return _certificate_record(row)
+
+    def get_certificate(self, serial: str) -> CertificateRecord:
+        with self.transaction() as session:
+            row = session.scalar(select(Certificate).where(Certificate.serial == serial))
+            if row is None:
+                raise CAError(Kind.NOT_FOUND, f"no certificate with serial {serial}")
+            return _certificate_record(row)
+
+    def list_certificates(self, f: CertificateFilter) -> list[CertificateRecord]:
+        query = select(Certificate)
+        if f.status:
+            query = query.where(Certificate.status == f.status)
+        if f.profile:
+            query = query.where(Certificate.profile == f.profile)
+        if f.issuer:
+            query = query.where(Certificate.issuer_id == f.issuer)
+        if f.owner:
+            query = query.where(Certificate.owner == f.owner)
+        if f.expiring_before:
+            query = query.where(
+                Certificate.not_after <= f.expiring_before,
+                Certificate.not_after > self.clock.now(),
+            )
+        if f.name:
+            name = f.name.lower()
+            if any(c in name for c in "*?["):
+                # A glob matches by SQL LIKE on the names table; `?` and `*` translate exactly
+                # and a literal `_`/`%` in a DNS name cannot occur.
+                pattern = name.replace("*", "%").replace("?", "_")
+                name_match: ColumnElement[bool] = CertificateName.name.like(pattern)
+            else:
+                name_match = CertificateName.name == name
+            query = query.where(
+                Certificate.id.in_(select(CertificateName.certificate_id).where(name_match))
+            )
+        query = query.order_by(Certificate.not_after, Certificate.id).limit(f.limit)
+        with self.transaction() as session:
+            rows = [_certificate_record(r) for r in session.scalars(query)]
+        if f.name and "[" in f.name:
+            rows = [r for r in rows if any(fnmatch.fnmatch(n, f.name.lower()) for n in r.names)]
+        return rows
+
+    def count_certificates(self, status: str | None = None) -> int:
+        query = select(func.count()).select_from(Certificate)
+        if status:
+            query = query.where(Certificate.status == status)
+        with self.transaction() as session:
+            return int(session.scalar(query) or 0)
+
+    # -- CRLs -------------------------------------------------------------------------------
+
+    def latest_crl(self, issuer_id: str, shard: int) -> Crl | None:
+        with self.transaction() as session:
+            return session.scalar(
+                select(Crl)
+                .where(Crl.issuer_id == issuer_id, Crl.shard == shard)
+                .order_by(Crl.number.desc())
+                .limit(1)
+            )
+
+    def record_crl(
+        self,
+        issuer_id: str,
+        shard: int,
+        number: int,
+        this_update: datetime.datetime,
+        next_update: datetime.datetime,
+        der: bytes,
+        actor: str,
+    ) -> None:
+        """Store a signed CRL; the UNIQUE (issuer, shard, number) keeps numbers single-use."""
+        with self.transaction() as session:
+            session.add(
+                Crl(
+                    issuer_id=issuer_id,
+                    shard=shard,
+                    number=number,
+                    this_update=this_update,
+                    next_update=next_update,
+                    der=der,
+                )
+            )
+            self._audit(
+                session,
+                actor,
+                "crl.sign",
+                f"issuer:{issuer_id}/shard:{shard}",
+                "success",
+                {"number": number},
+            )
+
+    # -- audit ------------------------------------------------------------------------------
+
+    def audit(
+        self,
+        actor: str,
+        action: str,
+        subject: str,
+        outcome: str,
+        detail: dict[str, Any] | None = None,
+    ) -> None:
+        with self.transaction() as session:
+            self._audit(session, actor, action, subject, outcome, detail or {})
+
+    def _audit(
+        self,
+        session: Session,
+        actor: str,
+        action: str,
+        subject: str,
+        outcome: str,
+        detail: dict[str, Any],
+    ) -> None:
+        session.add(
+            AuditEvent(
+                time=self.clock.now(),
+                actor=actor[:128],
+                action=action,
+                subject=subject[:256],
+                outcome=outcome,
+                detail=json.dumps(detail, sort_keys=True, default=str),
+            )
+        )
+
+    def audit_events(self, limit: int = 100) -> Sequence[dict[str, Any]]:
+        with self.transaction() as session:
+            rows = session.scalars(select(AuditEvent).order_by(AuditEvent.id.desc()).limit(limit))
+            return [
+                {
+                    "id": r.id,
+                    "time": r.time.isoformat(),
+                    "actor": r.actor,
+                    "action": r.action,
+                    "subject": r.subject,
+                    "outcome": r.outcome,
+                    "detail": json.loads(r.detail),
+                }
+                for r in rows
+            ]
+
+
+def _short(exc: SQLAlchemyError) -> str:
+    """The driver's first line, without the SQL statement or parameters."""
+    original = getattr(exc, "orig", None) or exc
+    return (
+        str(original).strip().splitlines()[0][:200] if str(original).strip() else type(exc).__name__
+    )
