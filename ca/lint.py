@@ -9,12 +9,81 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import threading
 from typing import Any
 
 from ca.errors import CAError, Kind
 
 _lock = threading.Lock()
+
+
+def _memoize_dispatch(container: Any) -> Any:
+    """Make a pkilint validator tree pick its validators per node by lookup, not by trial.
+
+    pkilint asks every validator of a container whether it matches every node below it
+    (`ValidatorContainer._validate_rec`): thousands of `match()` calls per certificate, half of
+    the lint's cost. pkilint's stock `NodeVisitor.match()`, for a validator with neither a
+    predicate nor a supertype test, depends only on the node's path and the Python type of its
+    value, and our certificates repeat the same paths; so that answer is computed once per
+    (path, type) and kept. A validator with its own `match()` that starts from
+    `super().match(node)` (every one in pkilint does) is skipped where the stock answer is no,
+    and asked where it is yes; any other validator is asked every time. The findings are
+    identical: tests/unit/test_lint.py compares them with stock pkilint's.
+    """
+    from pkilint.document import NodeVisitor
+    from pkilint.validation import ValidatorContainer
+
+    stock_match = NodeVisitor.match
+    fixed, prefiltered, live = 0, 1, 2
+
+    def kind(validator: Any) -> int:
+        if (
+            getattr(validator, "_predicate", None) is not None
+            or getattr(validator, "_pdu_supertype", None) is not None
+        ):
+            return live
+        match = type(validator).match
+        if match is stock_match:
+            return fixed
+        try:
+            source = inspect.getsource(match)
+        except (OSError, TypeError):
+            return live
+        return prefiltered if "super().match(node)" in source else live
+
+    def patch(node: Any) -> None:
+        if not isinstance(node, ValidatorContainer) or "_validate_rec" in vars(node):
+            return
+        plans: dict[tuple[str, type], list[tuple[Any, bool]]] = {}
+        validators = [(v, kind(v)) for v in node.validators]
+
+        def validate_rec(pdu_node: Any, results: list[Any]) -> None:
+            key = (pdu_node.path, type(pdu_node.pdu))
+            plan = plans.get(key)
+            if plan is None:
+                # (validator, ask it each time?) for every validator that may match here.
+                plan = [
+                    (v, k != fixed) for v, k in validators if k == live or stock_match(v, pdu_node)
+                ]
+                plans[key] = plan
+            for validator, ask in plan:
+                if ask and not validator.match(pdu_node):
+                    continue
+                result = validator.validate_wrapper(pdu_node)
+                if isinstance(result, list):
+                    results += result
+                else:
+                    results.append(result)
+            for child in pdu_node.children.values():
+                validate_rec(child, results)
+
+        node._validate_rec = validate_rec
+        for child, _ in validators:
+            patch(child)
+
+    patch(container)
+    return container
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,17 +122,19 @@ def errors(findings: list[Finding]) -> list[Finding]:
 def _certificate_validator() -> Any:
     from pkilint.pkix import certificate, extension, name
 
-    return certificate.create_pkix_certificate_validator_container(
-        certificate.create_decoding_validators(
-            name.ATTRIBUTE_TYPE_MAPPINGS, extension.EXTENSION_MAPPINGS
-        ),
-        [
-            certificate.create_issuer_validator_container([]),
-            certificate.create_validity_validator_container(),
-            certificate.create_subject_validator_container([]),
-            certificate.create_extensions_validator_container([]),
-            certificate.create_spki_validator_container([]),
-        ],
+    return _memoize_dispatch(
+        certificate.create_pkix_certificate_validator_container(
+            certificate.create_decoding_validators(
+                name.ATTRIBUTE_TYPE_MAPPINGS, extension.EXTENSION_MAPPINGS
+            ),
+            [
+                certificate.create_issuer_validator_container([]),
+                certificate.create_validity_validator_container(),
+                certificate.create_subject_validator_container([]),
+                certificate.create_extensions_validator_container([]),
+                certificate.create_spki_validator_container([]),
+            ],
+        )
     )
 
 
@@ -171,6 +242,13 @@ def _load(
         return loader_obj.load_der_document(der, name, name, collection)
     except Exception as exc:  # pyasn1 raises its own PyAsn1Error, not a ValueError
         raise CAError(Kind.LINT, f"pkilint cannot decode the {name}: {exc}") from None
+
+
+def warm_up() -> None:
+    """Build the validator trees now rather than on the first request."""
+    _certificate_validator()
+    _crl_validator(False, False)
+    _ocsp_validator()
 
 
 def lint_certificate(der: bytes) -> list[Finding]:

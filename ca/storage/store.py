@@ -12,7 +12,18 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import ColumnElement, Engine, create_engine, event, func, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Engine,
+    bindparam,
+    create_engine,
+    event,
+    func,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -22,6 +33,17 @@ from ca.errors import CAError, Kind
 from ca.storage.models import AuditEvent, Certificate, CertificateName, Crl, Issuer
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+
+# The issuance path's statements, built once: building a statement costs more than running it.
+_RESERVE = insert(Certificate).returning(Certificate.id)
+_ADD_NAMES = insert(CertificateName)
+_ADD_AUDIT = insert(AuditEvent)
+_RECORD = (
+    update(Certificate)
+    .where(Certificate.id == bindparam("certificate_id"), Certificate.status == "pending")
+    .values(status="issued", der=bindparam("der"), issued_at=bindparam("issued_at"))
+    .returning(*Certificate.__table__.columns)
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,17 +225,14 @@ class Storage:
     @contextmanager
     def transaction(self) -> Iterator[Session]:
         """One unit of work; database failures become CAError(STORAGE) with a safe detail."""
-        try:
-            with self._sessions() as session, session.begin():
-                yield session
-        except CAError:
-            raise
-        except IntegrityError as exc:
-            raise CAError(Kind.CONFLICT, f"database constraint violated: {_short(exc)}") from None
-        except OperationalError as exc:
-            raise CAError(Kind.STORAGE, f"database unavailable: {_short(exc)}") from None
-        except SQLAlchemyError as exc:
-            raise CAError(Kind.STORAGE, f"database error: {_short(exc)}") from None
+        with _database_errors(), self._sessions() as session, session.begin():
+            yield session
+
+    @contextmanager
+    def _core(self) -> Iterator[Connection]:
+        """A Core-level transaction for the hot issuance path: no ORM unit of work to flush."""
+        with _database_errors(), self.engine.begin() as connection:
+            yield connection
 
     # -- schema -----------------------------------------------------------------------------
 
@@ -301,41 +320,70 @@ class Storage:
         Raises CAError(CONFLICT) when the serial exists already (the UNIQUE constraint), so the
         caller draws another. Returns the row id.
         """
-        row = Certificate(
-            **dataclasses.asdict(reservation) | {"names": " ".join(reservation.names)},
-            status="pending",
-            der=None,
-            created_at=self.clock.now(),
-        )
-        with self.transaction() as session:
-            session.add(row)
-            session.flush()
-            session.add_all(
-                CertificateName(certificate_id=row.id, name=n) for n in reservation.names
+        values = dataclasses.asdict(reservation) | {
+            "names": " ".join(reservation.names),
+            "status": "pending",
+            "created_at": self.clock.now(),
+        }
+        with self._core() as connection:
+            certificate_id = connection.execute(_RESERVE, values).scalar_one()
+            connection.execute(
+                _ADD_NAMES,
+                [{"certificate_id": certificate_id, "name": n} for n in reservation.names],
             )
-            return row.id
+            return int(certificate_id)
+
+    def warm_up(self, reservation: Reservation) -> None:
+        """Run the issuance path's statements once in a transaction that is rolled back, so the
+        statement caches are built before the first real request (nothing is stored)."""
+        now = self.clock.now()
+        with _database_errors(), self.engine.connect() as connection:
+            transaction = connection.begin()
+            try:
+                values = dataclasses.asdict(reservation) | {
+                    "names": " ".join(reservation.names),
+                    "status": "pending",
+                    "created_at": now,
+                }
+                certificate_id = connection.execute(_RESERVE, values).scalar_one()
+                connection.execute(
+                    _ADD_NAMES, [{"certificate_id": certificate_id, "name": "warm-up.invalid"}]
+                )
+                connection.execute(
+                    _RECORD, {"certificate_id": certificate_id, "der": b"", "issued_at": now}
+                ).one_or_none()
+                connection.execute(
+                    _ADD_AUDIT, _audit_values(now, "warm-up", "warm-up", "warm-up", "none", {})
+                )
+            finally:
+                transaction.rollback()
 
     def record_certificate(self, certificate_id: int, der: bytes, actor: str) -> CertificateRecord:
         """Mark a pending certificate issued with its DER, with an audit event, atomically."""
         now = self.clock.now()
-        with self.transaction() as session:
-            result = session.execute(
-                update(Certificate)
-                .where(Certificate.id == certificate_id, Certificate.status == "pending")
-                .values(status="issued", der=der, issued_at=now)
-            )
-            if result.rowcount != 1:  # type: ignore[attr-defined]
+        with self._core() as connection:
+            row = connection.execute(
+                _RECORD, {"certificate_id": certificate_id, "der": der, "issued_at": now}
+            ).one_or_none()
+            if row is None:
                 raise CAError(Kind.INTERNAL, "the reserved certificate is no longer pending")
-            row = session.get_one(Certificate, certificate_id)
-            self._audit(
-                session,
-                actor,
-                "certificate.issue",
-                f"serial:{row.serial}",
-                "success",
-                {"names": row.names.split(), "profile": row.profile, "issuer": row.issuer_id},
+            record = _certificate_record(row)  # type: ignore[arg-type]  # a Row has the columns
+            connection.execute(
+                _ADD_AUDIT,
+                _audit_values(
+                    now,
+                    actor,
+                    "certificate.issue",
+                    f"serial:{record.serial}",
+                    "success",
+                    {
+                        "names": list(record.names),
+                        "profile": record.profile,
+                        "issuer": record.issuer_id,
+                    },
+                ),
             )
-            return _certificate_record(row)
+            return record
 
     def mark_failed(self, certificate_id: int, reason: str, actor: str) -> None:
         """A reserved serial whose signing failed stays on record, never reused."""
@@ -495,14 +543,7 @@ class Storage:
         detail: dict[str, Any],
     ) -> None:
         session.add(
-            AuditEvent(
-                time=self.clock.now(),
-                actor=actor[:128],
-                action=action,
-                subject=subject[:256],
-                outcome=outcome,
-                detail=json.dumps(detail, sort_keys=True, default=str),
-            )
+            AuditEvent(**_audit_values(self.clock.now(), actor, action, subject, outcome, detail))
         )
 
     def audit_events(self, limit: int = 100) -> Sequence[dict[str, Any]]:
@@ -520,6 +561,39 @@ class Storage:
                 }
                 for r in rows
             ]
+
+
+def _audit_values(
+    time: datetime.datetime,
+    actor: str,
+    action: str,
+    subject: str,
+    outcome: str,
+    detail: dict[str, Any],
+) -> dict[str, Any]:
+    return {
+        "time": time,
+        "actor": actor[:128],
+        "action": action,
+        "subject": subject[:256],
+        "outcome": outcome,
+        "detail": json.dumps(detail, sort_keys=True, default=str),
+    }
+
+
+@contextmanager
+def _database_errors() -> Iterator[None]:
+    """Database failures become CAError with a safe detail (no SQL, no parameters)."""
+    try:
+        yield
+    except CAError:
+        raise
+    except IntegrityError as exc:
+        raise CAError(Kind.CONFLICT, f"database constraint violated: {_short(exc)}") from None
+    except OperationalError as exc:
+        raise CAError(Kind.STORAGE, f"database unavailable: {_short(exc)}") from None
+    except SQLAlchemyError as exc:
+        raise CAError(Kind.STORAGE, f"database error: {_short(exc)}") from None
 
 
 def _short(exc: SQLAlchemyError) -> str:

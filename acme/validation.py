@@ -1,0 +1,818 @@
+"""Challenge validation: http-01, dns-01 (RFC 8555 §8.3, §8.4) and tls-alpn-01 (RFC 8737),
+for DNS and IP identifiers (RFC 8738).
+
+Each ``validate_*`` function returns the validation records of what it contacted, or raises
+:class:`ValidationError` with an RFC 8555 §6.7 problem type and a detail safe to show the
+client. The records are attached to the error too: the client sees what was tried either way.
+
+One time budget (``ValidationConfig.timeout``) covers a whole validation, DNS look-ups and
+redirects included, so a slow responder cannot hold a validator longer than configured.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import enum
+import hashlib
+import hmac
+import http.client
+import ipaddress
+import re
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Literal, TypeAlias
+from urllib.parse import urljoin, urlsplit, urlunsplit
+
+import dns.exception
+import dns.name
+import dns.nameserver
+import dns.rdtypes.txtbase
+import dns.resolver
+import dns.rrset
+from cryptography import x509
+from cryptography.x509.oid import ObjectIdentifier
+
+__all__ = [
+    "ACME_TLS_1_PROTOCOL",
+    "ID_PE_ACME_IDENTIFIER",
+    "MAX_HTTP01_BODY",
+    "IPAddress",
+    "IdentifierType",
+    "ProblemType",
+    "ValidationConfig",
+    "ValidationError",
+    "ValidationRecord",
+    "key_authorization_digest",
+    "resolve",
+    "validate_dns01",
+    "validate_http01",
+    "validate_tls_alpn01",
+]
+
+IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
+IdentifierType = Literal["dns", "ip"]
+ProblemType = Literal[
+    "connection", "dns", "incorrectResponse", "tls", "unauthorized", "malformed", "caa"
+]
+
+# RFC 8737 §6.2 (ALPN protocol ID) and §6.1 (id-pe-acmeIdentifier, id-pe 31).
+ACME_TLS_1_PROTOCOL = "acme-tls/1"
+ID_PE_ACME_IDENTIFIER = ObjectIdentifier("1.3.6.1.5.5.7.1.31")
+
+# A key authorization is token "." thumbprint, ~87 bytes (RFC 8555 §8.1); 1 KiB leaves room
+# for trailing whitespace while bounding what one validation may make us buffer.
+MAX_HTTP01_BODY = 1024
+
+# Redirects allowed by the CA/B Forum BRs §3.2.2.4.19 (the ACME http-01 method); 303 is not.
+_REDIRECT_STATUSES = frozenset({301, 302, 307, 308})
+_MAX_REDIRECT_URL = 2000
+_USER_AGENT = "certwright-validator"
+
+# RFC 8555 §8.3: the token is base64url; anything else must never reach a URL path.
+_TOKEN_RE = re.compile(r"[A-Za-z0-9_-]+")
+_LABEL_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+
+
+class ValidationError(Exception):
+    """A failed validation: an RFC 8555 §6.7 problem type plus a detail safe for the client."""
+
+    def __init__(
+        self,
+        problem_type: ProblemType,
+        detail: str,
+        records: Sequence[ValidationRecord] = (),
+    ) -> None:
+        super().__init__(f"{problem_type}: {detail}")
+        self.problem_type: ProblemType = problem_type
+        self.detail = detail
+        self.records: tuple[ValidationRecord, ...] = tuple(records)
+
+
+@dataclass(frozen=True)
+class ValidationRecord:
+    """What one validation step contacted: the challenge object's ``validationRecord`` entry.
+
+    RFC 8555 §8 leaves its content to the server; the field names follow Boulder and Pebble so
+    clients that print them (certbot, lego) understand them. ``addresses_tried`` lists the
+    addresses that failed before ``address_used``.
+    """
+
+    hostname: str
+    port: int | None = None
+    url: str | None = None
+    addresses_resolved: tuple[IPAddress, ...] = ()
+    address_used: IPAddress | None = None
+    addresses_tried: tuple[IPAddress, ...] = ()
+
+    def to_json(self) -> dict[str, object]:
+        document: dict[str, object] = {"hostname": self.hostname}
+        if self.url is not None:
+            document["url"] = self.url
+        if self.port is not None:
+            document["port"] = str(self.port)
+        if self.addresses_resolved:
+            document["addressesResolved"] = [str(a) for a in self.addresses_resolved]
+        if self.address_used is not None:
+            document["addressUsed"] = str(self.address_used)
+        if self.addresses_tried:
+            document["addressesTried"] = [str(a) for a in self.addresses_tried]
+        return document
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    """Where the validator connects; every field is a knob a test rig needs (DESIGN §4).
+
+    ``dns_resolver`` is ``None`` for the system resolver, or ``"host:port"`` / ``"[v6]:port"``
+    with an IP address as host (port 53 when omitted).
+    """
+
+    http01_port: int = 80
+    tlsalpn01_port: int = 443
+    dns_resolver: str | None = None
+    timeout: float = 10.0
+    max_redirects: int = 10
+
+    def __post_init__(self) -> None:
+        for name in ("http01_port", "tlsalpn01_port"):
+            port = getattr(self, name)
+            if not 1 <= port <= 65535:
+                raise ValueError(f"{name} must be a TCP port 1-65535, got {port!r}")
+        if not self.timeout > 0:
+            raise ValueError(f"timeout must be positive seconds, got {self.timeout!r}")
+        if self.max_redirects < 0:
+            raise ValueError(f"max_redirects must be >= 0, got {self.max_redirects!r}")
+        if self.dns_resolver is not None:
+            parse_resolver_address(self.dns_resolver)
+
+
+def parse_resolver_address(spec: str) -> tuple[str, int]:
+    """``"127.0.0.1:8053"``, ``"[::1]:8053"``, ``"::1"`` or ``"10.0.0.1"`` -> (ip, port)."""
+    if spec.startswith("["):
+        host, bracket, rest = spec[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise ValueError(f"dns_resolver {spec!r} is not [ipv6]:port")
+        port_text = rest[1:]
+    elif spec.count(":") == 1:
+        host, port_text = spec.split(":")
+    else:
+        host, port_text = spec, ""
+    try:
+        address = ipaddress.ip_address(host)
+        port = int(port_text) if port_text else 53
+    except ValueError:
+        raise ValueError(f"dns_resolver {spec!r} is not ip[:port]") from None
+    if not 1 <= port <= 65535:
+        raise ValueError(f"dns_resolver {spec!r} has an invalid port")
+    return str(address), port
+
+
+class Deadline:
+    """The time left of one validation's budget (shared by ``acme.caa``)."""
+
+    def __init__(self, seconds: float) -> None:
+        self._end = time.monotonic() + seconds
+
+    def remaining(self, problem_type: ProblemType, doing: str) -> float:
+        """Seconds left, always > 0: a zero socket timeout would mean non-blocking mode."""
+        left = self._end - time.monotonic()
+        if left <= 0:
+            raise ValidationError(problem_type, f"Timed out {doing}")
+        return left
+
+
+def make_resolver(cfg: ValidationConfig) -> dns.resolver.Resolver:
+    """A stub resolver on ``cfg.dns_resolver`` (or the system's), without a cache.
+
+    No cache: a client that has just published its TXT or fixed its CAA must be seen at once.
+    """
+    if cfg.dns_resolver is None:
+        resolver = dns.resolver.Resolver()
+    else:
+        host, port = parse_resolver_address(cfg.dns_resolver)
+        resolver = dns.resolver.Resolver(configure=False)
+        resolver.nameservers = [dns.nameserver.Do53Nameserver(host, port)]
+    resolver.cache = None
+    return resolver
+
+
+class Absent(enum.Enum):
+    """Why a look-up found no RRset: CAA climbing (RFC 8659 §3) treats both as empty."""
+
+    NXDOMAIN = "NXDOMAIN"
+    NODATA = "no records"
+
+
+def dns_lookup(
+    resolver: dns.resolver.Resolver, name: str, rdtype: str, deadline: Deadline
+) -> dns.rrset.RRset | Absent:
+    """The RRset (after any CNAME chain) or why there is none; any failure is a dns error."""
+    doing = f"looking up {rdtype} for {name}"
+    try:
+        answer = resolver.resolve(
+            dns.name.from_text(name),
+            rdtype,
+            raise_on_no_answer=False,
+            lifetime=deadline.remaining("dns", doing),
+        )
+    except dns.resolver.NXDOMAIN:
+        return Absent.NXDOMAIN
+    except dns.resolver.NoNameservers:
+        raise ValidationError(
+            "dns", f"DNS problem: no server answered (SERVFAIL, REFUSED or unreachable) {doing}"
+        ) from None
+    except dns.exception.Timeout:
+        raise ValidationError("dns", f"DNS problem: query timed out {doing}") from None
+    except dns.exception.DNSException:
+        raise ValidationError("dns", f"DNS problem {doing}") from None
+    if answer.rrset is None:
+        return Absent.NODATA
+    return answer.rrset
+
+
+def split_wildcard(name: str) -> tuple[str, bool]:
+    """``*.example.com`` -> (``example.com``, True): RFC 8555 §7.1.3 validates the base name."""
+    if name.startswith("*."):
+        return name[2:], True
+    return name, False
+
+
+def check_hostname(name: str) -> str:
+    """The lower-cased LDH host name, or a malformed error.
+
+    It ends up in a Host header, a URL, an SNI and DNS queries, so nothing else may pass.
+    IP addresses are refused: RFC 8738 §3 gives them their own identifier type.
+    """
+    host = name.lower()
+    labels = host.split(".")
+    if (
+        not host
+        or len(host) > 253
+        or not host.isascii()
+        or not all(_LABEL_RE.fullmatch(label) for label in labels)
+    ):
+        raise ValidationError("malformed", f"{name!r} is not a valid DNS name")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    raise ValidationError("malformed", f"{name!r} is an IP address, not a DNS name")
+
+
+def _parse_ip_identifier(value: str) -> IPAddress:
+    # RFC 8738 §3: the value is the RFC 1123 / RFC 5952 textual form, so only that is accepted.
+    try:
+        address = ipaddress.ip_address(value)
+    except ValueError:
+        raise ValidationError("malformed", f"{value!r} is not an IP address") from None
+    if str(address) != value:
+        raise ValidationError(
+            "malformed", f"{value!r} is not in canonical form; expected {address}"
+        )
+    return address
+
+
+def _resolve(host: str, resolver: dns.resolver.Resolver, deadline: Deadline) -> list[IPAddress]:
+    addresses: list[IPAddress] = []
+    absences: list[Absent] = []
+    for rdtype in ("A", "AAAA"):
+        result = dns_lookup(resolver, host, rdtype, deadline)
+        if isinstance(result, Absent):
+            absences.append(result)
+        else:
+            addresses.extend(ipaddress.ip_address(rdata.to_text()) for rdata in result)
+    if not addresses:
+        if all(absence is Absent.NXDOMAIN for absence in absences):
+            raise ValidationError("dns", f"DNS problem: NXDOMAIN looking up A/AAAA for {host}")
+        raise ValidationError("dns", f"DNS problem: no A or AAAA records found for {host}")
+    return addresses
+
+
+def resolve(name: str, cfg: ValidationConfig) -> list[IPAddress]:
+    """A and AAAA addresses of ``name`` via ``cfg.dns_resolver``; none at all is a dns error."""
+    return _resolve(check_hostname(name), make_resolver(cfg), Deadline(cfg.timeout))
+
+
+def key_authorization_digest(key_authorization: str) -> str:
+    """RFC 8555 §8.4: base64url(SHA-256(key authorization)) without padding."""
+    digest = hashlib.sha256(key_authorization.encode("ascii")).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+
+
+def _candidates(addresses: Sequence[IPAddress]) -> list[IPAddress]:
+    # RFC 8555 does not say which address to use. Like Boulder: the first IPv6 address, then
+    # the first IPv4 one as a fallback, so a host with broken IPv6 still validates while one
+    # validation never walks a long address list.
+    v6 = [a for a in addresses if a.version == 6]
+    v4 = [a for a in addresses if a.version == 4]
+    return v6[:1] + v4[:1]
+
+
+def _describe_os_error(exc: OSError) -> str:
+    if isinstance(exc, TimeoutError):
+        return "Timeout"
+    return exc.strerror or type(exc).__name__
+
+
+def _connect(
+    addresses: Sequence[IPAddress], port: int, deadline: Deadline, tried: list[IPAddress]
+) -> tuple[socket.socket, IPAddress]:
+    """Connect to the first candidate that accepts; only connect failures move on."""
+    candidates = _candidates(addresses)
+    failure = "no address to connect to"
+    for position, address in enumerate(candidates):
+        budget = deadline.remaining("connection", f"connecting to {address} port {port}")
+        if position < len(candidates) - 1:
+            # An unreachable IPv6 address must not eat the IPv4 fallback's whole budget.
+            budget /= 2
+        try:
+            return socket.create_connection((str(address), port), timeout=budget), address
+        except OSError as exc:
+            tried.append(address)
+            failure = f"{address}: {_describe_os_error(exc)} connecting to port {port}"
+    raise ValidationError("connection", failure)
+
+
+class _Watchdog:
+    """Cuts a connection when the validation's budget is spent.
+
+    Socket timeouts bound each read, and ``http.client`` reads headers a line at a time: a
+    peer trickling one byte at a time would hold the validator for as long as it likes. It
+    cuts through its own duplicate of the descriptor (shutdown(2) acts on the socket behind
+    every descriptor), so a descriptor closed and reused meanwhile can never be hit.
+    """
+
+    def __init__(self, sock: socket.socket, deadline: Deadline, doing: str) -> None:
+        self.fired = threading.Event()
+        self._timer = threading.Timer(deadline.remaining("connection", doing), self._fire)
+        self._timer.daemon = True
+        self._handle = sock.dup()
+
+    def _fire(self) -> None:
+        self.fired.set()
+        with contextlib.suppress(OSError):
+            self._handle.shutdown(socket.SHUT_RDWR)
+
+    def __enter__(self) -> _Watchdog:
+        self._timer.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._timer.cancel()
+        if self._timer.ident is not None:
+            self._timer.join()
+        self._handle.close()
+        # Once cut, whatever came next (an EOF that ends the headers early, a broken read, a
+        # truncated body) is the cut and not the peer's answer: report the timeout.
+        if self.fired.is_set():
+            raise TimeoutError from exc
+
+
+# --- http-01 (RFC 8555 §8.3, RFC 8738 §4-5) -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _HTTPTarget:
+    host: str
+    address: IPAddress | None
+    port: int
+    path: str
+    host_header: str
+    url: str
+
+    @property
+    def key(self) -> tuple[str, int, str]:
+        return self.host, self.port, self.path
+
+
+@dataclass(frozen=True)
+class _Redirect:
+    location: str
+
+
+def _url_host(host: str, address: IPAddress | None) -> str:
+    # RFC 3986 §3.2.2: an IPv6 literal in a URL or Host header goes in brackets.
+    return f"[{host}]" if address is not None and address.version == 6 else host
+
+
+def _initial_http_target(
+    identifier_type: IdentifierType, identifier_value: str, token: str, cfg: ValidationConfig
+) -> _HTTPTarget:
+    if not _TOKEN_RE.fullmatch(token):
+        raise ValidationError("malformed", "Challenge token is not base64url")
+    address: IPAddress | None
+    if identifier_type == "ip":
+        # RFC 8738 §4: no DNS step; the identifier is the address to connect to.
+        address = _parse_ip_identifier(identifier_value)
+        host = str(address)
+    elif identifier_type == "dns":
+        if identifier_value.startswith("*."):
+            # BRs §3.2.2.4.19: a web-server challenge cannot prove control of a whole zone.
+            raise ValidationError("malformed", "http-01 cannot validate a wildcard name")
+        address = None
+        host = check_hostname(identifier_value)
+    else:
+        raise ValidationError("malformed", f"Unknown identifier type {identifier_type!r}")
+    path = f"/.well-known/acme-challenge/{token}"
+    url_host = _url_host(host, address)
+    # The configured port is a transport detail of the test rig (as in Boulder and Pebble):
+    # the URL and Host header stay what RFC 8555 §8.3 and RFC 8738 §5 prescribe.
+    return _HTTPTarget(host, address, cfg.http01_port, path, url_host, f"http://{url_host}{path}")
+
+
+def _redirect_target(
+    location: str,
+    current: _HTTPTarget,
+    identifier_type: IdentifierType,
+    cfg: ValidationConfig,
+) -> _HTTPTarget:
+    """The next hop, if policy allows it (same limits as Let's Encrypt, plus the rig's port)."""
+    if len(location) > _MAX_REDIRECT_URL or not all(0x21 <= ord(c) <= 0x7E for c in location):
+        raise ValidationError("connection", "Invalid redirect target: not a printable ASCII URL")
+    try:
+        parts = urlsplit(urljoin(current.url, location))
+        written_port = parts.port
+    except ValueError:
+        raise ValidationError("connection", "Invalid redirect target: malformed URL") from None
+    if parts.scheme != "http":
+        raise ValidationError(
+            "connection", f"Redirect to scheme {parts.scheme!r} not followed; only http is"
+        )
+    if parts.username is not None or parts.password is not None or not parts.hostname:
+        raise ValidationError("connection", "Invalid redirect target: bad authority")
+    if written_port not in (None, 80, cfg.http01_port):
+        raise ValidationError(
+            "connection",
+            f"Redirect to port {written_port} not followed; only 80 and {cfg.http01_port} are",
+        )
+    host = parts.hostname
+    address: IPAddress | None
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        address = None
+    if address is not None:
+        # A DNS name's owner proves control through names; redirecting its proof to a bare
+        # address would prove nothing about the name (Boulder refuses the same).
+        if identifier_type != "ip":
+            raise ValidationError(
+                "connection", f"Redirect to IP address {host} not followed for a DNS identifier"
+            )
+        host = str(address)
+    else:
+        try:
+            host = check_hostname(host)
+        except ValidationError:
+            raise ValidationError(
+                "connection", f"Invalid host in redirect target {host!r}"
+            ) from None
+    url_host = _url_host(host, address)
+    # Port 80 and the configured http-01 port both mean "the http-01 responder".
+    netloc = url_host if written_port in (None, 80) else f"{url_host}:{written_port}"
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    url = urlunsplit(("http", netloc, parts.path or "/", parts.query, ""))
+    return _HTTPTarget(host, address, cfg.http01_port, path, netloc, url)
+
+
+def _read_capped_body(
+    response: http.client.HTTPResponse, sock: socket.socket, deadline: Deadline, url: str
+) -> bytes:
+    body = bytearray()
+    while len(body) <= MAX_HTTP01_BODY:
+        sock.settimeout(deadline.remaining("connection", f"reading the response from {url}"))
+        chunk = response.read1(MAX_HTTP01_BODY + 1 - len(body))
+        if not chunk:
+            return bytes(body)
+        body += chunk
+    raise ValidationError(
+        "incorrectResponse", f"Response from {url} is larger than {MAX_HTTP01_BODY} bytes"
+    )
+
+
+def _exchange(
+    sock: socket.socket, target: _HTTPTarget, used: IPAddress, deadline: Deadline
+) -> bytes | _Redirect:
+    conn = http.client.HTTPConnection(str(used), target.port)
+    conn.sock = sock
+    try:
+        with _Watchdog(sock, deadline, f"waiting for {target.url}"):
+            sock.settimeout(deadline.remaining("connection", f"sending to {target.url}"))
+            conn.putrequest("GET", target.path, skip_host=True, skip_accept_encoding=True)
+            conn.putheader("Host", target.host_header)
+            conn.putheader("User-Agent", _USER_AGENT)
+            # Some WAFs reject requests without Accept; Boulder learned this the hard way.
+            conn.putheader("Accept", "*/*")
+            conn.putheader("Connection", "close")
+            conn.endheaders()
+            sock.settimeout(deadline.remaining("connection", f"waiting for {target.url}"))
+            with conn.getresponse() as response:
+                location = response.getheader("Location")
+                if response.status in _REDIRECT_STATUSES and location:
+                    return _Redirect(location)
+                if response.status == 303 and location:
+                    raise ValidationError(
+                        "connection", f"Redirect status 303 from {target.url} is not followed"
+                    )
+                if response.status != 200:
+                    # As Boulder: the responder refused to show a key authorization at all.
+                    raise ValidationError(
+                        "unauthorized",
+                        f"Invalid response from {target.url} [{used}]: HTTP {response.status}",
+                    )
+                return _read_capped_body(response, sock, deadline, target.url)
+    finally:
+        conn.close()
+
+
+def _fetch(
+    target: _HTTPTarget,
+    cfg: ValidationConfig,
+    deadline: Deadline,
+    records: list[ValidationRecord],
+) -> bytes | _Redirect:
+    addresses: tuple[IPAddress, ...] = ()
+    tried: list[IPAddress] = []
+    used: IPAddress | None = None
+    try:
+        if target.address is not None:
+            addresses = (target.address,)
+        else:
+            addresses = tuple(_resolve(target.host, make_resolver(cfg), deadline))
+        sock, used = _connect(addresses, target.port, deadline, tried)
+        try:
+            return _exchange(sock, target, used, deadline)
+        except TimeoutError:
+            raise ValidationError(
+                "connection", f"{used}: Timeout after connect (waiting for {target.url})"
+            ) from None
+        except http.client.HTTPException:
+            raise ValidationError(
+                "connection", f"{used}: Malformed or missing HTTP response from {target.url}"
+            ) from None
+        except OSError as exc:
+            raise ValidationError(
+                "connection", f"{used}: {_describe_os_error(exc)} after connect ({target.url})"
+            ) from None
+    finally:
+        records.append(
+            ValidationRecord(
+                hostname=target.host,
+                port=target.port,
+                url=target.url,
+                addresses_resolved=addresses,
+                address_used=used,
+                addresses_tried=tuple(tried),
+            )
+        )
+
+
+def validate_http01(
+    identifier_type: IdentifierType,
+    identifier_value: str,
+    token: str,
+    key_authorization: str,
+    cfg: ValidationConfig,
+) -> tuple[ValidationRecord, ...]:
+    """RFC 8555 §8.3 (RFC 8738 §4-5 for IPs): GET the token's URL, body must be the key
+    authorization. Returns one record per request made (the first, then each redirect)."""
+    records: list[ValidationRecord] = []
+    try:
+        target = _initial_http_target(identifier_type, identifier_value, token, cfg)
+        deadline = Deadline(cfg.timeout)
+        visited = {target.key}
+        redirects = 0
+        while True:
+            outcome = _fetch(target, cfg, deadline, records)
+            if not isinstance(outcome, _Redirect):
+                _check_key_authorization(outcome, key_authorization, target.url)
+                return tuple(records)
+            if redirects == cfg.max_redirects:
+                raise ValidationError(
+                    "connection", f"Too many redirects (more than {cfg.max_redirects})"
+                )
+            redirects += 1
+            target = _redirect_target(outcome.location, target, identifier_type, cfg)
+            if target.key in visited:
+                raise ValidationError("connection", f"Redirect loop detected at {target.url}")
+            visited.add(target.key)
+    except ValidationError as exc:
+        exc.records = tuple(records)
+        raise
+
+
+def _check_key_authorization(body: bytes, key_authorization: str, url: str) -> None:
+    # RFC 8555 §8.3: "The server SHOULD ignore whitespace characters at the end of the body".
+    payload = body.rstrip()
+    if not hmac.compare_digest(payload, key_authorization.encode("ascii")):
+        # RFC 8555 §6.7 incorrectResponse: a response came, it does not match the challenge.
+        shown = payload[:64].decode("ascii", "backslashreplace")
+        raise ValidationError(
+            "incorrectResponse",
+            f"The key authorization from {url} does not match this challenge "
+            f"(got {shown!r}{'...' if len(payload) > 64 else ''})",
+        )
+
+
+# --- dns-01 (RFC 8555 §8.4) -----------------------------------------------------------------
+
+
+def validate_dns01(
+    name: str, key_authorization: str, cfg: ValidationConfig
+) -> tuple[ValidationRecord, ...]:
+    """RFC 8555 §8.4: one of the TXT records at ``_acme-challenge.<name>`` must hold
+    :func:`key_authorization_digest`. A wildcard is validated on its base name (§7.1.3).
+    IP identifiers cannot use dns-01 (RFC 8738 §7)."""
+    base, _ = split_wildcard(name)
+    records: tuple[ValidationRecord, ...] = ()
+    try:
+        host = check_hostname(base)
+        records = (ValidationRecord(hostname=host),)
+        challenge_name = f"_acme-challenge.{host}"
+        result = dns_lookup(make_resolver(cfg), challenge_name, "TXT", Deadline(cfg.timeout))
+        if isinstance(result, Absent):
+            raise ValidationError(
+                "dns", f"DNS problem: {result.value} looking up TXT for {challenge_name}"
+            )
+        expected = key_authorization_digest(key_authorization).encode("ascii")
+        # RFC 7208 §3.3 convention: a TXT record's character-strings form one value.
+        values = [
+            b"".join(rdata.strings)
+            for rdata in result
+            if isinstance(rdata, dns.rdtypes.txtbase.TXTBase)
+        ]
+        if any(hmac.compare_digest(value, expected) for value in values):
+            return records
+        # RFC 8555 §6.7 incorrectResponse (Boulder says unauthorized): the record exists,
+        # its content does not match — the same type http-01 and tls-alpn-01 use for it.
+        shown = ", ".join(repr(v[:64].decode("ascii", "backslashreplace")) for v in values[:3])
+        raise ValidationError(
+            "incorrectResponse", f"Incorrect TXT record {shown} found at {challenge_name}"
+        )
+    except ValidationError as exc:
+        exc.records = records
+        raise
+
+
+# --- tls-alpn-01 (RFC 8737, RFC 8738 §6) ----------------------------------------------------
+
+
+def _alpn_client_context() -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    # The challenge certificate is self-signed by design (RFC 8737 §3): nothing to verify.
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    # RFC 8737 §4: acme-tls/1 is only negotiated over TLS 1.2 or later.
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    # RFC 8737 §3: offer exactly one protocol, acme-tls/1.
+    context.set_alpn_protocols([ACME_TLS_1_PROTOCOL])
+    return context
+
+
+def _handshake(
+    sock: socket.socket, server_name: str, used: IPAddress, deadline: Deadline
+) -> tuple[bytes | None, str | None]:
+    """The peer's leaf certificate (DER) and the ALPN protocol it selected."""
+    doing = f"in the TLS handshake with {used}"
+    with sock:
+        # Since Python 3.5 the socket timeout bounds the whole handshake, not each read
+        # (ssl.SSLSocket.do_handshake), so unlike HTTP no watchdog is needed here.
+        sock.settimeout(deadline.remaining("connection", doing))
+        try:
+            with _alpn_client_context().wrap_socket(sock, server_hostname=server_name) as tls:
+                return tls.getpeercert(binary_form=True), tls.selected_alpn_protocol()
+        except TimeoutError:
+            raise ValidationError("connection", f"{used}: Timeout {doing}") from None
+        except ssl.SSLError as exc:
+            raise ValidationError(
+                "tls", f"{used}: TLS handshake failed ({exc.reason or 'unknown reason'})"
+            ) from None
+        except OSError as exc:
+            raise ValidationError(
+                "connection", f"{used}: {_describe_os_error(exc)} during the TLS handshake"
+            ) from None
+
+
+def _general_name_text(name: x509.GeneralName) -> str:
+    if isinstance(name, x509.DNSName | x509.IPAddress):
+        return str(name.value)
+    return type(name).__name__
+
+
+def _check_challenge_certificate(
+    der: bytes, expected: x509.DNSName | x509.IPAddress, key_authorization: str
+) -> None:
+    # Every mismatch is RFC 8555 §6.7 incorrectResponse: a certificate came, it is not the
+    # one this challenge asks for.
+    try:
+        extensions = x509.load_der_x509_certificate(der).extensions
+        san = extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        acme_identifier = extensions.get_extension_for_oid(ID_PE_ACME_IDENTIFIER)
+    except x509.ExtensionNotFound as exc:
+        missing = "acmeIdentifier" if exc.oid == ID_PE_ACME_IDENTIFIER else "subjectAltName"
+        raise ValidationError(
+            "incorrectResponse", f"The challenge certificate has no {missing} extension"
+        ) from None
+    except (ValueError, x509.DuplicateExtension):
+        raise ValidationError(
+            "incorrectResponse", "The challenge certificate could not be parsed"
+        ) from None
+
+    # RFC 8737 §3: the subjectAltName holds the identifier "and no other entries".
+    names = list(san)
+    if len(names) != 1 or not _same_general_name(names[0], expected):
+        shown = ", ".join(_general_name_text(n) for n in names[:5])
+        raise ValidationError(
+            "incorrectResponse",
+            f"The challenge certificate must name only {expected.value}; it names [{shown}]",
+        )
+    # RFC 8737 §3: the acmeIdentifier extension MUST be critical, so that such a certificate
+    # can never be mistaken for an ordinary server certificate.
+    if not acme_identifier.critical:
+        raise ValidationError(
+            "incorrectResponse", "The acmeIdentifier extension of the certificate is not critical"
+        )
+    # Authorization ::= OCTET STRING (SIZE (32)), DER: 04 20 <SHA-256(key authorization)>.
+    digest = hashlib.sha256(key_authorization.encode("ascii")).digest()
+    if not hmac.compare_digest(acme_identifier.value.public_bytes(), b"\x04\x20" + digest):
+        raise ValidationError(
+            "incorrectResponse",
+            "The acmeIdentifier extension does not hold the SHA-256 digest of the key "
+            "authorization for this challenge",
+        )
+
+
+def _same_general_name(name: x509.GeneralName, expected: x509.DNSName | x509.IPAddress) -> bool:
+    if isinstance(expected, x509.DNSName):
+        return isinstance(name, x509.DNSName) and name.value.lower() == expected.value
+    return isinstance(name, x509.IPAddress) and name.value == expected.value
+
+
+def validate_tls_alpn01(
+    identifier_type: IdentifierType,
+    identifier_value: str,
+    key_authorization: str,
+    cfg: ValidationConfig,
+) -> tuple[ValidationRecord, ...]:
+    """RFC 8737 §3: a TLS handshake offering only acme-tls/1 must select it and present a
+    certificate naming only the identifier, with the critical acmeIdentifier extension."""
+    records: tuple[ValidationRecord, ...] = ()
+    addresses: tuple[IPAddress, ...] = ()
+    tried: list[IPAddress] = []
+    used: IPAddress | None = None
+    expected: x509.DNSName | x509.IPAddress
+    try:
+        deadline = Deadline(cfg.timeout)
+        if identifier_type == "ip":
+            address = _parse_ip_identifier(identifier_value)
+            # RFC 8738 §6: SNI cannot carry an address, so it carries the reverse-mapping name,
+            # e.g. 1.0.0.127.in-addr.arpa (no trailing dot in SNI: RFC 6066 §3).
+            server_name = address.reverse_pointer
+            expected = x509.IPAddress(address)
+            addresses = (address,)
+        elif identifier_type == "dns":
+            if identifier_value.startswith("*."):
+                # BRs §3.2.2.4.20: one host's TLS responder cannot prove control of a zone.
+                raise ValidationError("malformed", "tls-alpn-01 cannot validate a wildcard name")
+            server_name = check_hostname(identifier_value)
+            expected = x509.DNSName(server_name)
+        else:
+            raise ValidationError("malformed", f"Unknown identifier type {identifier_type!r}")
+        try:
+            if not addresses:
+                addresses = tuple(_resolve(server_name, make_resolver(cfg), deadline))
+            sock, used = _connect(addresses, cfg.tlsalpn01_port, deadline, tried)
+            der, protocol = _handshake(sock, server_name, used, deadline)
+        finally:
+            records = (
+                ValidationRecord(
+                    hostname=identifier_value,
+                    port=cfg.tlsalpn01_port,
+                    addresses_resolved=addresses,
+                    address_used=used,
+                    addresses_tried=tuple(tried),
+                ),
+            )
+        if protocol != ACME_TLS_1_PROTOCOL:
+            # ALPN is part of the handshake: a responder that does not select acme-tls/1 is
+            # not speaking the challenge protocol at all (RFC 8737 §3).
+            raise ValidationError(
+                "tls", f"{used}: the server did not negotiate ALPN protocol {ACME_TLS_1_PROTOCOL}"
+            )
+        if der is None:
+            raise ValidationError("tls", f"{used}: the server presented no certificate")
+        _check_challenge_certificate(der, expected, key_authorization)
+        return records
+    except ValidationError as exc:
+        exc.records = records
+        raise
