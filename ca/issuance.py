@@ -50,6 +50,8 @@ class IssuanceRequest:
     issuer: str | None = None
     owner: str | None = None
     source: str = "cli"  # who asked: "cli:<user>", "acme:<account URL>", ...
+    acme_account_id: int | None = None
+    replaces: str | None = None  # serial of the certificate this one renews (lineage)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -391,6 +393,8 @@ class CertificateAuthority:
                         crl_shard=serial % self.crl_shards,
                         owner=request.owner,
                         source=request.source,
+                        acme_account_id=request.acme_account_id,
+                        replaces=request.replaces,
                     )
                 )
             except CAError as exc:

@@ -106,6 +106,10 @@ class Certificate(Base):
     revoked_at: Mapped[datetime.datetime | None] = mapped_column(UTCDateTime())
     revocation_reason: Mapped[int | None] = mapped_column(Integer)
     failure: Mapped[str | None] = mapped_column(String(512))
+    # The ACME account that ordered it, if any (RFC 8555 §7.6: it may revoke it).
+    acme_account_id: Mapped[int | None] = mapped_column(Integer, index=True)
+    # Lineage: the serial this certificate replaced (ACME `replaces`, RFC 9773 §5).
+    replaces: Mapped[str | None] = mapped_column(String(48), index=True)
 
 
 class CertificateName(Base):
@@ -147,6 +151,148 @@ class AuditEvent(Base):
     subject: Mapped[str] = mapped_column(String(256))
     outcome: Mapped[str] = mapped_column(String(16))  # "success" | "refused" | "failed"
     detail: Mapped[str] = mapped_column(Text, default="{}")  # JSON
+
+
+# -- ACME (RFC 8555) ---------------------------------------------------------------------------
+
+
+class AcmeNonce(Base):
+    """An unused Replay-Nonce (§6.5), shared by every server process; consumed by DELETE."""
+
+    __tablename__ = "acme_nonces"
+
+    value: Mapped[str] = mapped_column(String(64), primary_key=True)
+    expires_at: Mapped[datetime.datetime] = mapped_column(UTCDateTime(), index=True)
+
+
+class AcmeAccount(Base):
+    __tablename__ = "acme_accounts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    # RFC 7638 thumbprint of the account key: one account per key (§7.3.1).
+    key_thumbprint: Mapped[str] = mapped_column(String(64), unique=True)
+    jwk: Mapped[str] = mapped_column(Text)  # JSON
+    status: Mapped[str] = mapped_column(String(16))  # valid | deactivated | revoked
+    contact: Mapped[str] = mapped_column(Text, default="[]")  # JSON list of URLs
+    tos_agreed: Mapped[bool] = mapped_column(default=False)
+    eab_key_id: Mapped[str | None] = mapped_column(String(128))
+    created_at: Mapped[datetime.datetime] = mapped_column(UTCDateTime())
+    created_ip: Mapped[str] = mapped_column(String(64), default="")
+
+    __table_args__ = (Index("ix_acme_accounts_ip_created", "created_ip", "created_at"),)
+
+
+class AcmeOrder(Base):
+    __tablename__ = "acme_orders"
+    __table_args__ = (Index("ix_acme_orders_account_created", "account_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)  # random, URL-safe
+    account_id: Mapped[int] = mapped_column(ForeignKey("acme_accounts.id"))
+    status: Mapped[str] = mapped_column(String(16))  # pending|ready|processing|valid|invalid
+    expires: Mapped[datetime.datetime] = mapped_column(UTCDateTime())
+    identifiers: Mapped[str] = mapped_column(Text)  # JSON list of {"type","value"}
+    not_before: Mapped[datetime.datetime | None] = mapped_column(UTCDateTime())
+    not_after: Mapped[datetime.datetime | None] = mapped_column(UTCDateTime())
+    profile: Mapped[str] = mapped_column(String(64))
+    replaces: Mapped[str | None] = mapped_column(String(200))  # ARI certificate id
+    error: Mapped[str | None] = mapped_column(Text)  # JSON problem document
+    certificate_serial: Mapped[str | None] = mapped_column(String(48))
+    created_at: Mapped[datetime.datetime] = mapped_column(UTCDateTime())
+
+
+class AcmeAuthorization(Base):
+    __tablename__ = "acme_authorizations"
+    __table_args__ = (
+        Index("ix_acme_authz_reuse", "account_id", "identifier_type", "identifier_value", "status"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("acme_accounts.id"))
+    identifier_type: Mapped[str] = mapped_column(String(8))
+    identifier_value: Mapped[str] = mapped_column(String(256))
+    wildcard: Mapped[bool] = mapped_column(default=False)
+    status: Mapped[str] = mapped_column(
+        String(16)
+    )  # pending|valid|invalid|deactivated|expired|revoked
+    expires: Mapped[datetime.datetime] = mapped_column(UTCDateTime())
+    validated_at: Mapped[datetime.datetime | None] = mapped_column(UTCDateTime())
+    created_at: Mapped[datetime.datetime] = mapped_column(UTCDateTime())
+
+
+class AcmeOrderAuthorization(Base):
+    """Orders and authorizations, many to many: a valid authorization serves later orders."""
+
+    __tablename__ = "acme_order_authorizations"
+
+    order_id: Mapped[str] = mapped_column(ForeignKey("acme_orders.id"), primary_key=True)
+    authorization_id: Mapped[str] = mapped_column(
+        ForeignKey("acme_authorizations.id"), primary_key=True, index=True
+    )
+
+
+class AcmeChallenge(Base):
+    __tablename__ = "acme_challenges"
+    __table_args__ = (Index("ix_acme_challenges_status_updated", "status", "updated_at"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    authorization_id: Mapped[str] = mapped_column(ForeignKey("acme_authorizations.id"), index=True)
+    type: Mapped[str] = mapped_column(String(16))  # http-01 | dns-01 | tls-alpn-01
+    token: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16))  # pending|processing|valid|invalid
+    validated_at: Mapped[datetime.datetime | None] = mapped_column(UTCDateTime())
+    error: Mapped[str | None] = mapped_column(Text)  # JSON problem document
+    validation_record: Mapped[str | None] = mapped_column(Text)  # JSON list
+    updated_at: Mapped[datetime.datetime] = mapped_column(UTCDateTime())
+
+
+class AcmeEabKey(Base):
+    """An External Account Binding key (§7.3.4), made by `certwright eab create`."""
+
+    __tablename__ = "acme_eab_keys"
+
+    key_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    hmac_key: Mapped[bytes] = mapped_column(LargeBinary)
+    # Space-separated DNS suffixes / IP ranges its accounts may request; empty: no limit.
+    allowed_names: Mapped[str] = mapped_column(Text, default="")
+    owner: Mapped[str | None] = mapped_column(String(128))
+    account_id: Mapped[int | None] = mapped_column(Integer)  # bound once, to one account
+    created_at: Mapped[datetime.datetime] = mapped_column(UTCDateTime())
+
+
+# -- OCSP (RFC 6960) ----------------------------------------------------------------------------
+
+
+class OcspResponse(Base):
+    """A pre-signed OCSP response, served from here so answers survive an HSM outage."""
+
+    __tablename__ = "ocsp_responses"
+    __table_args__ = (
+        UniqueConstraint("issuer_id", "serial"),
+        Index("ix_ocsp_responses_next_update", "next_update"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    issuer_id: Mapped[str] = mapped_column(ForeignKey("issuers.id"))
+    serial: Mapped[str] = mapped_column(String(48))
+    cert_status: Mapped[str] = mapped_column(String(16))  # good | revoked
+    der: Mapped[bytes] = mapped_column(LargeBinary)
+    this_update: Mapped[datetime.datetime] = mapped_column(UTCDateTime())
+    next_update: Mapped[datetime.datetime] = mapped_column(UTCDateTime())
+    produced_at: Mapped[datetime.datetime] = mapped_column(UTCDateTime())
+
+
+class OcspResponder(Base):
+    """A delegated OCSP responder certificate (RFC 6960 §4.2.2.2) whose key is in the HSM."""
+
+    __tablename__ = "ocsp_responders"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    issuer_id: Mapped[str] = mapped_column(ForeignKey("issuers.id"), index=True)
+    key_label: Mapped[str] = mapped_column(String(128))
+    cert_der: Mapped[bytes] = mapped_column(LargeBinary)
+    not_before: Mapped[datetime.datetime] = mapped_column(UTCDateTime())
+    not_after: Mapped[datetime.datetime] = mapped_column(UTCDateTime())
+    created_at: Mapped[datetime.datetime] = mapped_column(UTCDateTime())
 
 
 def as_dict(row: Any) -> dict[str, Any]:

@@ -85,6 +85,8 @@ class CertificateRecord:
     issued_at: datetime.datetime | None
     revoked_at: datetime.datetime | None
     revocation_reason: int | None
+    acme_account_id: int | None = None
+    replaces: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -103,6 +105,8 @@ class CertificateRecord:
             "revoked_at": self.revoked_at.isoformat() if self.revoked_at else None,
             "revocation_reason": self.revocation_reason,
             "crl_shard": self.crl_shard,
+            "acme_account_id": self.acme_account_id,
+            "replaces": self.replaces,
         }
 
 
@@ -122,6 +126,8 @@ class Reservation:
     crl_shard: int
     owner: str | None
     source: str
+    acme_account_id: int | None = None
+    replaces: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,6 +181,8 @@ def _certificate_record(row: Certificate) -> CertificateRecord:
         issued_at=row.issued_at,
         revoked_at=row.revoked_at,
         revocation_reason=row.revocation_reason,
+        acme_account_id=row.acme_account_id,
+        replaces=row.replaces,
     )
 
 
