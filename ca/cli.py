@@ -661,5 +661,13 @@ def audit_log(runtime: Runtime, limit: int, as_json: bool) -> None:
         click.echo(f"{e['time']}  {e['actor']:16} {e['action']:22} {e['outcome']:8} {e['subject']}")
 
 
+def _register_subcommands() -> None:
+    from ca import cli_revocation
+
+    cli_revocation.register(main)
+
+
+_register_subcommands()
+
 if __name__ == "__main__":  # pragma: no cover
     main()

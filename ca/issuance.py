@@ -127,6 +127,8 @@ class CertificateAuthority:
         self.lint_enabled = lint_enabled
         self._issuers: dict[str, _LoadedIssuer] = {}
         self._lock = threading.Lock()
+        # Called with the record after each revocation; see revoke().
+        self.revocation_listeners: list[Callable[[CertificateRecord], None]] = []
 
     # -- issuers ----------------------------------------------------------------------------
 
@@ -482,8 +484,17 @@ class CertificateAuthority:
     # -- revocation -------------------------------------------------------------------------
 
     def revoke(self, serial: str, reason: int | str, actor: str = "cli") -> CertificateRecord:
+        """Revoke, then tell every listener (OCSP re-signing, CRL scheduling) at once.
+
+        The revocation is committed before any listener runs, so a listener that fails (an HSM
+        outage while re-signing OCSP) never loses it: the periodic refresh catches up.
+        """
         code = revocation_reason_code(reason)
-        return self.storage.revoke(certs.parse_serial(serial), code, actor)
+        record = self.storage.revoke(certs.parse_serial(serial), code, actor)
+        for listener in self.revocation_listeners:
+            with contextlib.suppress(CAError):
+                listener(record)
+        return record
 
 
 def revocation_reason_code(reason: int | str) -> int:
