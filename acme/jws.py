@@ -778,3 +778,35 @@ def check_nonce(parsed: ParsedJWS, store: NonceStore) -> None:
     """RFC 8555 §6.5: a nonce the server did not issue, already used or expired is badNonce."""
     if not store.consume(parsed.nonce):
         raise problems.bad_nonce("JWS anti-replay nonce is invalid, expired or already used")
+
+
+def parse_key_change_inner(document: Any, outer_url: str) -> ParsedJWS:
+    """RFC 8555 §7.3.5: the inner JWS of a key change is signed by the new key, carries it
+    as ``jwk``, has the outer request's ``url`` and no ``nonce``. Signature not yet verified."""
+    what = "Key change inner JWS"
+    if not isinstance(document, Mapping):
+        raise problems.malformed(f"{what} must be a JSON object")
+    flattened = _flattened_from_document(document, what)
+    protected = decode_protected_header(flattened.protected_b64, what)
+    alg = check_algorithm(protected)
+    if "nonce" in protected:
+        raise problems.malformed(f"{what} must not contain a nonce")
+    url = protected.get("url")
+    if url != outer_url:
+        raise problems.malformed(f"{what} url must equal the outer JWS url")
+    jwk = protected.get("jwk")
+    if not isinstance(jwk, dict) or "kid" in protected:
+        raise problems.malformed(f"{what} must carry the new key as jwk, and no kid")
+    check_no_extensions(protected, what)
+    return ParsedJWS(
+        protected=protected,
+        protected_b64=flattened.protected_b64,
+        payload_b64=flattened.payload_b64,
+        signature=_decode_signature(flattened.signature_b64, what),
+        alg=alg,
+        nonce="",
+        url=url,
+        jwk=jwk,
+        kid=None,
+        payload=_decode_payload(flattened.payload_b64, what),
+    )

@@ -627,13 +627,14 @@ def show(runtime: Runtime, serial: str, as_json: bool, pem: bool) -> None:
 
 
 @main.command()
-@click.option(
-    "--listen", help="host:port of the plain-HTTP listener (default: server.http_listen)."
-)
-@click.option("--workers", type=int, help="gunicorn worker processes (default: server.workers).")
+@click.option("--listen", help="host:port of the plain-HTTP listener (server.http_listen).")
+@click.option("--https-listen", help="host:port of the ACME HTTPS listener (server.https_listen).")
+@click.option("--workers", type=int, help="gunicorn workers per listener (server.workers).")
 @click.pass_context
-def serve(ctx: click.Context, listen: str | None, workers: int | None) -> None:
-    """Serve the CA over HTTP under gunicorn (sync workers, one HSM session each)."""
+def serve(
+    ctx: click.Context, listen: str | None, https_listen: str | None, workers: int | None
+) -> None:
+    """Serve ACME over HTTPS and OCSP/CRLs over HTTP (gunicorn sync workers)."""
     from ca.server import serve as run_server
 
     config = load_config(ctx.obj.get("config_path"))
@@ -643,8 +644,47 @@ def serve(ctx: click.Context, listen: str | None, workers: int | None) -> None:
     run_server(
         config,
         listen or str(config.get("server", "http_listen")),
+        https_listen or str(config.get("server", "https_listen")),
         workers or int(config.get("server", "workers")),
     )
+
+
+@main.group()
+def eab() -> None:
+    """External Account Binding keys for ACME (RFC 8555 §7.3.4)."""
+
+
+@eab.command("create")
+@click.option("--owner", help="Team or person the key is for.")
+@click.option(
+    "--allow",
+    "allowed",
+    multiple=True,
+    help="DNS suffix or IP range the bound account may request (repeatable).",
+)
+@click.option("--json", "as_json", is_flag=True)
+@with_runtime
+def eab_create(
+    runtime: Runtime, owner: str | None, allowed: tuple[str, ...], as_json: bool
+) -> None:
+    """Make an EAB key id and HMAC key for one ACME account to bind with."""
+    import base64
+
+    from ca.storage.acme_store import AcmeStore
+
+    key = AcmeStore(runtime.storage).create_eab_key(owner, allowed, _actor())
+    hmac_b64 = base64.urlsafe_b64encode(key.hmac_key).decode().rstrip("=")
+    if as_json:
+        _echo_json(
+            {
+                "key_id": key.key_id,
+                "hmac_key": hmac_b64,
+                "owner": owner,
+                "allowed_names": list(allowed),
+            }
+        )
+    else:
+        click.echo(f"key id:   {key.key_id}\nhmac key: {hmac_b64}")
 
 
 @main.command("audit-log")

@@ -55,11 +55,30 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "http_listen": "127.0.0.1:8080",
         "https_listen": "127.0.0.1:8443",
         "workers": 2,
+        # Names the HTTPS listener's own certificate carries (plus https_listen's host).
+        "tls_names": ["127.0.0.1"],
     },
     "acme": {
         "http01_port": 80,
         "tlsalpn01_port": 443,
         "dns_resolver": "",
+        "validation_timeout_seconds": 10.0,
+        # How long a challenge POST waits for its validation before answering `processing`.
+        "challenge_wait_seconds": 2.0,
+        "terms_of_service": "",
+        "website": "",
+        "caa_identities": ["certwright.internal"],
+        "external_account_required": False,
+        "order_lifetime_hours": 24,
+        "authorization_lifetime_hours": 24,
+        # A valid authorization is reused for new orders of the same account this long.
+        "authorization_reuse_hours": 720,
+        "default_profile": "tls-server",
+        # Rate limits (0 turns one off); counted in the database, so shared by every process.
+        "orders_per_account_per_hour": 1000,
+        "certificates_per_domain_per_week": 50000,
+        "failed_validations_per_account_per_hour": 30,
+        "accounts_per_ip_per_hour": 100,
     },
 }
 PROFILE_KEYS = {

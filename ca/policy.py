@@ -192,6 +192,10 @@ def normalize_dns_name(name: str) -> str:
     if not value or len(value) > 253 or not value.isascii():
         raise refuse("names.syntax", f"{name!r} is not a valid DNS name")
     labels = value.split(".")
+    if len(labels) < 2:
+        # A single label ("localhost", "db") is no fully-qualified name: it means different
+        # hosts to different resolvers, and RFC 5280 §4.2.1.6 wants a domain name.
+        raise refuse("names.syntax", f"{name!r} is a single label; use a fully-qualified name")
     if labels[0] == "*":
         labels = labels[1:]
         if len(labels) < 2:

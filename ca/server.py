@@ -1,24 +1,54 @@
-"""Running the WSGI app under gunicorn, from `certwright serve`.
+"""`certwright serve`: the processes of a running CA.
+
+- HTTPS listener (this process): gunicorn, ACME (RFC 8555 §6.1 requires HTTPS). Its
+  certificate is issued by our own intermediate and renewed by the jobs process; each worker
+  reloads it when the file changes, so renewal needs no restart.
+- HTTP listener (a child process): gunicorn, OCSP, CRLs, issuer certificates, /healthz.
+- Jobs (a child process): periodic work — the server certificate's renewal and every task
+  registered in the `certwright.jobs` entry point group (CRL and OCSP refresh, ACME upkeep).
 
 gunicorn `sync` workers: they beat `gthread` on these CPU-bound handlers, and each worker is
-one process with its own PKCS#11 session, opened after the fork (DESIGN.md §6).
+one process with its own PKCS#11 session, opened after the fork (DESIGN.md §6). For that
+reason no process here touches the HSM before gunicorn forks: the server certificate is made
+in a spawned child.
 """
 
 from __future__ import annotations
 
+import datetime
+import importlib.metadata
+import logging
+import multiprocessing
+import os
+import signal
+import ssl
 import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from gunicorn.app.base import BaseApplication  # type: ignore[import-untyped]
 
 from ca.config import Config
+from ca.errors import CAError, Kind
+from ca.issuance import IssuanceRequest
+from ca.policy import Identifier
 from ca.runtime import Runtime
-from ca.web import create_app
+
+log = logging.getLogger("certwright.server")
+JOBS_GROUP = "certwright.jobs"
+JOB_INTERVAL_SECONDS = 30.0
 
 
 class _Application(BaseApplication):  # type: ignore[misc]  # gunicorn ships no type hints
-    def __init__(self, config: Config, options: dict[str, Any]) -> None:
+    def __init__(self, config: Config, listener: str, options: dict[str, Any]) -> None:
         self._config = config
+        self._listener = listener
         self._options = options
         super().__init__()
 
@@ -27,13 +57,16 @@ class _Application(BaseApplication):  # type: ignore[misc]  # gunicorn ships no 
             self.cfg.set(key, value)
 
     def load(self) -> Any:
+        from ca.web import create_app
+
         # Runs in each worker after fork: the runtime, and with it the HSM session, is the
         # worker's own.
-        return create_app(Runtime(self._config))
+        runtime = Runtime(self._config)
+        return create_app(runtime, self._listener)
 
 
-def serve(config: Config, listen: str, workers: int) -> None:
-    options = {
+def _gunicorn_options(listen: str, workers: int) -> dict[str, Any]:
+    return {
         "bind": [listen],
         "workers": max(1, workers),
         "worker_class": "sync",
@@ -44,5 +77,187 @@ def serve(config: Config, listen: str, workers: int) -> None:
         "timeout": 60,
         "preload_app": False,
     }
-    print(f"certwright: serving http://{listen}/ with {workers} worker(s)", file=sys.stderr)
-    _Application(config, options).run()
+
+
+# -- the server's own certificate ---------------------------------------------------------
+
+
+def server_certificate_path(config: Config) -> Path:
+    return config.data_dir / "tls" / "server.pem"
+
+
+def _tls_names(config: Config, https_listen: str) -> list[str]:
+    names = [str(n) for n in config.get("server", "tls_names")]
+    host = https_listen.rsplit(":", 1)[0].strip("[]")
+    if host and host not in names and host not in ("0.0.0.0", "::"):  # noqa: S104 - a comparison
+        names.append(host)
+    return names
+
+
+def _needs_renewal(path: Path, now: datetime.datetime, names: list[str]) -> bool:
+    try:
+        chain = x509.load_pem_x509_certificates(path.read_bytes())
+    except (OSError, ValueError):
+        return True
+    leaf = chain[0]
+    lifetime = leaf.not_valid_after_utc - leaf.not_valid_before_utc
+    san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    present = {str(v) for v in san.get_values_for_type(x509.DNSName)} | {
+        str(v) for v in san.get_values_for_type(x509.IPAddress)
+    }
+    # Renew with a third of the lifetime left, as ACME clients do by default.
+    return leaf.not_valid_after_utc - now < lifetime / 3 or not set(names) <= present
+
+
+def ensure_server_certificate(config: Config, https_listen: str) -> bool:
+    """Issue (or renew) the HTTPS listener's certificate; True when a new one was written.
+
+    The key is made here, in software: it protects a TLS listener, not a CA.
+    """
+    path = server_certificate_path(config)
+    runtime = Runtime(config)
+    try:
+        names = _tls_names(config, https_listen)
+        if not _needs_renewal(path, runtime.clock.now(), names):
+            return False
+        key = ec.generate_private_key(ec.SECP256R1())
+        identifiers = []
+        for name in names:
+            try:
+                import ipaddress
+
+                ipaddress.ip_address(name)
+                identifiers.append(Identifier("ip", name))
+            except ValueError:
+                identifiers.append(Identifier("dns", name))
+        issued = runtime.authority.issue(
+            IssuanceRequest(
+                public_key=key.public_key(),
+                identifiers=tuple(identifiers),
+                profile="tls-server",
+                owner="certwright",
+                source="certwright:server",
+            )
+        )
+        pem = (
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+            + issued.fullchain_pem().encode()
+        )
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(pem)
+        # One file for key and chain, replaced atomically: a worker never reads a key of one
+        # certificate with the chain of another.
+        tmp.replace(path)
+        log.info("server certificate %s issued for %s", issued.record.serial, ", ".join(names))
+        return True
+    finally:
+        runtime.close()
+
+
+class _ReloadingContext:
+    """gunicorn's `ssl_context` hook: one SSLContext per worker, rebuilt when the certificate
+    file changes (gunicorn's default rebuilds it, reading the files, for every connection)."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._stamp: tuple[int, int] | None = None
+        self._context: ssl.SSLContext | None = None
+
+    def __call__(self, conf: Any, default_factory: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
+        try:
+            stat = self._path.stat()
+            stamp = (stat.st_mtime_ns, stat.st_ino)
+        except OSError:
+            stamp = None
+        if self._context is None or (stamp is not None and stamp != self._stamp):
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.minimum_version = ssl.TLSVersion.TLSv1_2
+            context.load_cert_chain(certfile=str(self._path))
+            self._context, self._stamp = context, stamp
+        return self._context
+
+
+# -- jobs ----------------------------------------------------------------------------------
+
+
+def _registered_jobs() -> list[tuple[str, Callable[[Runtime], Any]]]:
+    jobs = []
+    for entry in importlib.metadata.entry_points(group=JOBS_GROUP):
+        jobs.append((entry.name, entry.load()))
+    return jobs
+
+
+def run_jobs_once(config: Config, https_listen: str, runtime: Runtime) -> None:
+    """Every periodic task once; one task failing does not stop the others."""
+    try:
+        ensure_server_certificate(config, https_listen)
+    except CAError as exc:
+        log.error("server certificate renewal failed: %s", exc.detail)
+    for name, job in _registered_jobs():
+        try:
+            job(runtime)
+        except CAError as exc:
+            log.error("job %s failed: %s", name, exc.detail)
+        except Exception:
+            log.exception("job %s failed", name)
+
+
+def _jobs_main(config: Config, https_listen: str) -> None:
+    logging.basicConfig(level=logging.INFO, format="[jobs] %(levelname)s %(message)s")
+    runtime = Runtime(config)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    while not stop.is_set():
+        run_jobs_once(config, https_listen, runtime)
+        stop.wait(JOB_INTERVAL_SECONDS)
+    runtime.close()
+
+
+def _http_main(config: Config, listen: str, workers: int) -> None:
+    _Application(config, "http", _gunicorn_options(listen, workers)).run()
+
+
+def serve(config: Config, http_listen: str, https_listen: str, workers: int) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    spawn = multiprocessing.get_context("spawn")
+    maker = spawn.Process(target=ensure_server_certificate, args=(config, https_listen))
+    maker.start()
+    maker.join()
+    path = server_certificate_path(config)
+    if maker.exitcode != 0 or not path.exists():
+        raise CAError(
+            Kind.HSM,
+            "could not issue the HTTPS listener's certificate (see the log above)",
+        )
+    children = [
+        spawn.Process(target=_http_main, args=(config, http_listen, workers), name="http"),
+        spawn.Process(target=_jobs_main, args=(config, https_listen), name="jobs"),
+    ]
+    for child in children:
+        child.start()
+    print(
+        f"certwright: ACME directory https://{https_listen}/acme/directory\n"
+        f"certwright: OCSP, CRLs and issuer certificates on http://{http_listen}/\n"
+        f"certwright: trust anchor {config.data_dir / 'root.pem'}",
+        file=sys.stderr,
+        flush=True,
+    )
+    options = _gunicorn_options(https_listen, workers)
+    options.update(certfile=str(path), keyfile=None, ssl_context=_ReloadingContext(path))
+    try:
+        _Application(config, "https", options).run()
+    finally:
+        for child in children:
+            child.terminate()
+        deadline = time.monotonic() + 10
+        for child in children:
+            child.join(max(0.1, deadline - time.monotonic()))
+            if child.is_alive():
+                child.kill()

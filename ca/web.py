@@ -7,13 +7,14 @@ place where the parts meet.
 
 from __future__ import annotations
 
+import datetime
 import importlib.metadata
 import logging
 from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from flask import Blueprint, Flask, Response, abort
+from flask import Blueprint, Flask, Response, abort, request
 
 from ca.errors import CAError
 from ca.runtime import Runtime
@@ -64,23 +65,52 @@ def core_blueprint(runtime: Runtime) -> Blueprint:
     @bp.get("/crl/<issuer_id>.crl")
     def whole_crl(issuer_id: str) -> Response:
         """An issuer's single CRL, such as the root's ARL signed in the ceremony."""
-        crl = runtime.storage.latest_crl(issuer_id, -1)
-        if crl is None:
-            abort(404)
-        return Response(
-            crl.der,
-            mimetype="application/pkix-crl",
-            headers={"Cache-Control": "public, max-age=3600"},
-        )
+        return _crl_response(runtime, issuer_id, -1)
+
+    @bp.get("/crl/<issuer_id>/<int:shard>.crl")
+    def shard_crl(issuer_id: str, shard: int) -> Response:
+        """One shard's CRL: the URL a certificate's CRL distribution point names."""
+        return _crl_response(runtime, issuer_id, shard)
 
     return bp
 
 
-def create_app(runtime: Runtime) -> Flask:
+# Caches may keep a CRL this long at most, so a revocation reaches them within the hour even
+# though the CRL itself is valid for days.
+CRL_MAX_AGE = datetime.timedelta(hours=1)
+
+
+def _crl_response(runtime: Runtime, issuer_id: str, shard: int) -> Response:
+    """RFC 5280 §5 CRL over HTTP (RFC 2585 §4: application/pkix-crl) with validators and a
+    lifetime bounded by nextUpdate; an unknown issuer or shard is 404, a database outage 503."""
+    try:
+        crl = runtime.storage.latest_crl(issuer_id, shard)
+    except CAError:
+        return Response("CRL unavailable\n", 503, mimetype="text/plain")
+    if crl is None:
+        abort(404)
+    now = runtime.clock.now()
+    remaining = max(datetime.timedelta(0), crl.next_update - now)
+    response = Response(crl.der, mimetype="application/pkix-crl")
+    response.cache_control.public = True
+    response.cache_control.max_age = int(min(remaining, CRL_MAX_AGE).total_seconds())
+    response.set_etag(f"{issuer_id}-{shard}-{crl.number}")
+    response.last_modified = crl.this_update
+    response.expires = min(crl.next_update, now + CRL_MAX_AGE)
+    response.make_conditional(request)  # turns it into a 304 when the ETag matches
+    return response
+
+
+def create_app(runtime: Runtime, listener: str | None = None) -> Flask:
+    """The app for one listener: "http" (OCSP, CRLs, issuer certificates) or "https" (ACME);
+    None serves everything (tests, development). A blueprint names its listener in its
+    `certwright_listener` attribute; without one it belongs to "http"."""
     app = Flask("certwright")
     app.register_blueprint(core_blueprint(runtime))
     for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         factory: Any = entry.load()
-        app.register_blueprint(factory(runtime))
-        log.info("registered blueprint %s", entry.name)
+        bp = factory(runtime)
+        if listener is None or getattr(bp, "certwright_listener", "http") == listener:
+            app.register_blueprint(bp)
+            log.info("registered blueprint %s", entry.name)
     return app

@@ -290,7 +290,7 @@ class Storage:
                 .where(Issuer.id == issuer_id, Issuer.status != "revoked")
                 .values(status=status)
             )
-            if result.rowcount != 1:  # type: ignore[attr-defined]  # CursorResult has rowcount
+            if rowcount(result) != 1:
                 raise CAError(Kind.NOT_FOUND, f"no unrevoked issuer named {issuer_id!r}")
             self._audit(session, actor, f"issuer.{status}", f"issuer:{issuer_id}", "success", {})
 
@@ -305,7 +305,7 @@ class Storage:
                 )
                 .values(status="revoked", revoked_at=self.clock.now(), revocation_reason=reason)
             )
-            if result.rowcount != 1:  # type: ignore[attr-defined]
+            if rowcount(result) != 1:
                 if session.get(Issuer, issuer_id) is None:
                     raise CAError(Kind.NOT_FOUND, f"no issuer named {issuer_id!r}")
                 raise CAError(
@@ -423,7 +423,7 @@ class Storage:
                 .values(status="revoked", revoked_at=when, revocation_reason=reason)
             )
             row = session.scalar(select(Certificate).where(Certificate.serial == serial))
-            if result.rowcount != 1:  # type: ignore[attr-defined]
+            if rowcount(result) != 1:
                 if row is None or row.status in ("pending", "failed"):
                     raise CAError(Kind.NOT_FOUND, f"no issued certificate with serial {serial}")
                 raise CAError(Kind.ALREADY_REVOKED, f"certificate {serial} is already revoked")
@@ -569,6 +569,11 @@ class Storage:
                 }
                 for r in rows
             ]
+
+
+def rowcount(result: Any) -> int:
+    """Rows an UPDATE/DELETE touched (a CursorResult's rowcount; typed loosely upstream)."""
+    return int(result.rowcount)
 
 
 def _audit_values(

@@ -90,6 +90,7 @@ def test_profiles_cannot_allow_weak_key_types() -> None:
         "xn--zz.test",  # invalid punycode
         "ab--cd.test",  # reserved hyphens in positions 3-4
         "*.test",  # wildcard over a single label
+        "localhost",  # a single label
         "a.*.test",
         "1.2.3.4",  # looks like an IP, is not a DNS name
         "x" * 64 + ".test",

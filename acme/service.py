@@ -1,0 +1,796 @@
+"""The ACME registration authority: what each RFC 8555 request does, behind the web edge.
+
+The web edge (acme/web.py) authenticates the JWS and maps errors to problem documents; this
+module decides. All state is in the database (ca.storage.acme_store), so any server process
+can serve any request of a flow. Challenge validation runs in a thread pool of the process that
+received the challenge POST, off the request path; a process that dies mid-validation leaves a
+`processing` challenge that `recover_stale_challenges` re-runs.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import dataclasses
+import datetime
+import hashlib
+import ipaddress
+import logging
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from acme import jws, problems
+from acme.caa import check_caa
+from acme.problems import AcmeProblem
+from acme.validation import (
+    ValidationConfig,
+    ValidationError,
+    validate_dns01,
+    validate_http01,
+    validate_tls_alpn01,
+)
+from ca import certs, policy
+from ca.errors import CAError, Kind
+from ca.policy import Identifier
+from ca.runtime import Runtime
+from ca.storage import CertificateRecord
+from ca.storage.acme_store import (
+    Account,
+    AcmeStore,
+    Authorization,
+    Challenge,
+    NewAuthorization,
+    Order,
+)
+
+log = logging.getLogger(__name__)
+
+# RFC 8555 §7.6 lets the server choose; subscribers may state these (Let's Encrypt's set).
+SUBSCRIBER_REASONS = frozenset({0, 1, 3, 4, 5})
+# CAA must be rechecked at issuance when the validation is older than this (CA/B BR 3.2.2.8).
+CAA_RECHECK_AFTER = datetime.timedelta(hours=8)
+STALE_CHALLENGE_AFTER = datetime.timedelta(minutes=2)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The [acme] configuration, read once."""
+
+    validation: ValidationConfig
+    challenge_wait: float
+    terms_of_service: str
+    website: str
+    caa_identities: tuple[str, ...]
+    external_account_required: bool
+    order_lifetime: datetime.timedelta
+    authorization_lifetime: datetime.timedelta
+    authorization_reuse: datetime.timedelta
+    default_profile: str
+    orders_per_account_per_hour: int
+    certificates_per_domain_per_week: int
+    failed_validations_per_account_per_hour: int
+    accounts_per_ip_per_hour: int
+
+    @staticmethod
+    def from_runtime(runtime: Runtime) -> Settings:
+        def get(key: str) -> Any:
+            return runtime.config.get("acme", key)
+
+        return Settings(
+            validation=ValidationConfig(
+                http01_port=int(get("http01_port")),
+                tlsalpn01_port=int(get("tlsalpn01_port")),
+                dns_resolver=str(get("dns_resolver")) or None,
+                timeout=float(get("validation_timeout_seconds")),
+            ),
+            challenge_wait=float(get("challenge_wait_seconds")),
+            terms_of_service=str(get("terms_of_service")),
+            website=str(get("website")),
+            caa_identities=tuple(get("caa_identities")),
+            external_account_required=bool(get("external_account_required")),
+            order_lifetime=datetime.timedelta(hours=float(get("order_lifetime_hours"))),
+            authorization_lifetime=datetime.timedelta(
+                hours=float(get("authorization_lifetime_hours"))
+            ),
+            authorization_reuse=datetime.timedelta(hours=float(get("authorization_reuse_hours"))),
+            default_profile=str(get("default_profile")),
+            orders_per_account_per_hour=int(get("orders_per_account_per_hour")),
+            certificates_per_domain_per_week=int(get("certificates_per_domain_per_week")),
+            failed_validations_per_account_per_hour=int(
+                get("failed_validations_per_account_per_hour")
+            ),
+            accounts_per_ip_per_hour=int(get("accounts_per_ip_per_hour")),
+        )
+
+
+def identifier_json(identifier: Identifier) -> dict[str, str]:
+    return {"type": identifier.type, "value": identifier.value}
+
+
+def registered_domain(name: str) -> str:
+    """The last two labels: the unit the per-domain rate limit counts (no PSL in a private PKI)."""
+    labels = name.removeprefix("*.").split(".")
+    return ".".join(labels[-2:])
+
+
+def ari_cert_id(certificate: x509.Certificate) -> str:
+    """RFC 9773 §4.1: base64url(AKI keyIdentifier) "." base64url(serial DER content octets)."""
+    aki = certificate.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    serial = certificate.serial_number
+    serial_bytes = serial.to_bytes((serial.bit_length() + 8) // 8, "big")
+    return f"{jws.b64url_encode(aki.key_identifier or b'')}.{jws.b64url_encode(serial_bytes)}"
+
+
+def parse_ari_cert_id(cert_id: str) -> tuple[bytes, str]:
+    """(AKI key identifier, serial in our hex form) from an RFC 9773 certificate identifier."""
+    try:
+        aki_b64, serial_b64 = cert_id.split(".")
+        aki = jws.b64url_decode(aki_b64)
+        serial = int.from_bytes(jws.b64url_decode(serial_b64), "big")
+    except (ValueError, AcmeProblem):
+        raise problems.malformed("renewalInfo certificate identifier is malformed") from None
+    if not aki or serial <= 0:
+        raise problems.malformed("renewalInfo certificate identifier is malformed")
+    return aki, certs.serial_hex(serial)
+
+
+class AcmeService:
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.store = AcmeStore(runtime.storage)
+        self.settings = Settings.from_runtime(runtime)
+        self.clock = runtime.clock
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._executor_lock = threading.Lock()
+
+    @property
+    def authority(self) -> Any:
+        return self.runtime.authority
+
+    # -- accounts (§7.3) --------------------------------------------------------------------
+
+    def check_contact(self, contact: Any) -> list[str]:
+        """§7.3: contact is a list of URLs; we accept mailto: with one plain address each."""
+        if contact is None:
+            return []
+        if not isinstance(contact, list) or not all(isinstance(c, str) for c in contact):
+            raise problems.malformed("contact must be an array of strings")
+        for url in contact:
+            if not url.startswith("mailto:"):
+                raise problems.unsupported_contact(f"only mailto: contacts are supported: {url}")
+            address = url[len("mailto:") :]
+            local, _, domain = address.partition("@")
+            if (
+                not local
+                or not domain
+                or "," in address
+                or "?" in address
+                or any(c.isspace() for c in address)
+                or "." not in domain
+            ):
+                raise problems.invalid_contact(f"invalid contact address {url!r}")
+        return list(contact)
+
+    def new_account(
+        self,
+        jwk: dict[str, Any],
+        payload: Mapping[str, Any],
+        url: str,
+        ip: str,
+    ) -> tuple[Account, bool]:
+        thumbprint = jws.jwk_thumbprint(jwk)
+        existing = self.store.account_by_thumbprint(thumbprint)
+        if payload.get("onlyReturnExisting") is True:
+            if existing is None:
+                raise problems.account_does_not_exist("no account exists with this key")
+            return existing, False
+        if existing is not None:
+            return existing, False  # §7.3.1: the same key twice returns the existing account
+        contact = self.check_contact(payload.get("contact"))
+        if self.settings.terms_of_service and payload.get("termsOfServiceAgreed") is not True:
+            # §7.3: a server with terms of service refuses accounts that did not agree.
+            raise problems.malformed("you must agree to the terms of service")
+        eab_key_id = None
+        binding = payload.get("externalAccountBinding")
+        if binding is not None:
+
+            def lookup(key_id: str) -> bytes | None:
+                key = self.store.eab_key(key_id)
+                if key is None or key.account_id is not None:
+                    return None  # unknown, or already bound to another account
+                return key.hmac_key
+
+            eab_key_id = jws.verify_eab(jwk, binding, url, lookup)
+        elif self.settings.external_account_required:
+            raise problems.external_account_required(
+                "this server requires an external account binding (certwright eab create)"
+            )
+        self._rate_limit(
+            self.store.count_accounts_from_ip_since(
+                ip, self.clock.now() - datetime.timedelta(hours=1)
+            ),
+            self.settings.accounts_per_ip_per_hour,
+            "new accounts from this IP address per hour",
+            3600,
+        )
+        try:
+            return self.store.create_account(
+                thumbprint=thumbprint,
+                jwk=jwk,
+                contact=contact,
+                tos_agreed=payload.get("termsOfServiceAgreed") is True,
+                eab_key_id=eab_key_id,
+                ip=ip,
+            )
+        except CAError as exc:
+            if exc.kind is Kind.CONFLICT:
+                raise problems.unauthorized(
+                    "external account binding key is already in use"
+                ) from None
+            raise
+
+    def update_account(self, account: Account, payload: Mapping[str, Any]) -> Account:
+        """§7.3.2 update (contact) and §7.3.6 deactivation."""
+        status = payload.get("status")
+        if status is not None and status != "deactivated":
+            raise problems.malformed("an account's status can only be changed to deactivated")
+        contact = self.check_contact(payload.get("contact")) if "contact" in payload else None
+        return self.store.update_account(account.id, contact=contact, status=status)
+
+    def change_key(self, account: Account, new_jwk: dict[str, Any]) -> None:
+        """§7.3.5: a key in use by another account is a 409 naming that account."""
+        thumbprint = jws.jwk_thumbprint(new_jwk)
+        other = self.store.account_by_thumbprint(thumbprint)
+        if other is not None:
+            raise KeyInUse(other.id)
+        try:
+            self.store.change_key(account.id, thumbprint, new_jwk)
+        except CAError as exc:
+            if exc.kind is Kind.CONFLICT:
+                other = self.store.account_by_thumbprint(thumbprint)
+                raise KeyInUse(other.id if other else 0) from None
+            raise
+
+    # -- orders (§7.4) ----------------------------------------------------------------------
+
+    def _rate_limit(self, count: int, limit: int, what: str, retry_after: int) -> None:
+        if limit > 0 and count >= limit:
+            raise problems.rate_limited(
+                f"too many {what} (limit {limit})", retry_after_seconds=retry_after
+            )
+
+    def _parse_identifiers(self, raw: Any) -> list[Identifier]:
+        if not isinstance(raw, list) or not raw:
+            raise problems.malformed("identifiers must be a non-empty array")
+        if len(raw) > 100:
+            raise problems.rejected_identifier("an order may name at most 100 identifiers")
+        out = []
+        for item in raw:
+            if (
+                not isinstance(item, dict)
+                or not isinstance(item.get("type"), str)
+                or not isinstance(item.get("value"), str)
+            ):
+                raise problems.malformed("each identifier needs a string type and value")
+            if item["type"] not in ("dns", "ip"):
+                raise problems.unsupported_identifier(
+                    f"identifier type {item['type']!r} is not supported", identifier=item
+                )
+            out.append(Identifier(item["type"], item["value"]))
+        return out
+
+    def _check_identifiers(
+        self, account: Account, identifiers: Sequence[Identifier], profile_name: str
+    ) -> list[Identifier]:
+        """Each identifier against the profile (syntax, allowed names) and the EAB binding's
+        restrictions; refusals come back as one rejectedIdentifier with subproblems."""
+        profile = self.authority.profiles[profile_name]
+        allowed_by_eab: tuple[str, ...] = ()
+        if account.eab_key_id:
+            key = self.store.eab_key(account.eab_key_id)
+            allowed_by_eab = key.allowed_names if key else ()
+        checked: list[Identifier] = []
+        failures: list[AcmeProblem] = []
+        for identifier in identifiers:
+            try:
+                canonical = policy.check_identifier(identifier, profile)
+                if allowed_by_eab and not _eab_allows(canonical, allowed_by_eab):
+                    raise CAError(
+                        Kind.POLICY, f"{canonical.value} is outside this account's binding"
+                    )
+                checked.append(canonical)
+            except CAError as exc:
+                failures.append(
+                    problems.rejected_identifier(exc.detail, identifier=identifier_json(identifier))
+                )
+        if failures:
+            if len(failures) == 1:
+                raise failures[0]
+            raise AcmeProblem(
+                "rejectedIdentifier",
+                f"{len(failures)} identifiers were refused",
+                400,
+                subproblems=failures,
+            )
+        return sorted(set(checked))
+
+    def new_order(self, account: Account, payload: Mapping[str, Any]) -> Order:
+        identifiers = self._parse_identifiers(payload.get("identifiers"))
+        if payload.get("notBefore") is not None or payload.get("notAfter") is not None:
+            raise problems.malformed("this server does not support notBefore/notAfter in orders")
+        profile_name = payload.get("profile", self.settings.default_profile)
+        if not isinstance(profile_name, str) or profile_name not in self.authority.profiles:
+            raise AcmeProblem(
+                "invalidProfile",
+                f"unknown profile {profile_name!r}; see the directory's meta.profiles",
+                400,
+            )
+        checked = self._check_identifiers(account, identifiers, profile_name)
+        replaces = payload.get("replaces")
+        if replaces is not None:
+            self._check_replaces(account, replaces, checked)
+        now = self.clock.now()
+        self._rate_limit(
+            self.store.count_orders_since(account.id, now - datetime.timedelta(hours=1)),
+            self.settings.orders_per_account_per_hour,
+            "new orders for this account per hour",
+            3600,
+        )
+        for domain in {registered_domain(i.value) for i in checked if i.type == "dns"}:
+            self._rate_limit(
+                self.store.count_certificates_for_domain_since(
+                    domain, now - datetime.timedelta(days=7)
+                ),
+                self.settings.certificates_per_domain_per_week,
+                f"certificates for {domain} per week",
+                3600,
+            )
+        reused: list[str] = []
+        new: list[NewAuthorization] = []
+        for identifier in checked:
+            wildcard = identifier.value.startswith("*.")
+            value = identifier.value.removeprefix("*.")
+            existing = self.store.reusable_authorization(
+                account.id,
+                identifier.type,
+                value,
+                wildcard,
+                now - self.settings.authorization_reuse,
+            )
+            if existing is not None:
+                reused.append(existing)
+                continue
+            if wildcard:
+                types: tuple[str, ...] = ("dns-01",)  # §7.1.3: wildcards only by dns-01
+            elif identifier.type == "ip":
+                types = ("http-01", "tls-alpn-01")  # RFC 8738 §7: no dns-01 for IPs
+            else:
+                types = ("http-01", "dns-01", "tls-alpn-01")
+            new.append(NewAuthorization(identifier.type, value, wildcard, types))
+        return self.store.create_order(
+            account_id=account.id,
+            identifiers=[identifier_json(i) for i in checked],
+            reused=reused,
+            new=new,
+            profile=profile_name,
+            expires=now + self.settings.order_lifetime,
+            authz_expires=now + self.settings.authorization_lifetime,
+            not_before=None,
+            not_after=None,
+            replaces=replaces,
+        )
+
+    def _check_replaces(
+        self, account: Account, replaces: Any, identifiers: Sequence[Identifier]
+    ) -> None:
+        """RFC 9773 §5: `replaces` names a certificate of ours that this account may replace."""
+        if not isinstance(replaces, str):
+            raise problems.malformed("replaces must be a string")
+        _, serial = parse_ari_cert_id(replaces)
+        try:
+            record = self.runtime.storage.get_certificate(serial)
+        except CAError:
+            raise problems.malformed("replaces names an unknown certificate") from None
+        held = self.store.valid_authorization_values(account.id, self.clock.now())
+        if record.acme_account_id != account.id and not set(record.names) <= held | {
+            i.value for i in identifiers
+        }:
+            raise problems.unauthorized("this account may not replace that certificate")
+
+    def order_for(self, account: Account, order_id: str) -> Order:
+        order = self.store.order(order_id)
+        if order is None or order.account_id != account.id:
+            raise problems.not_found("no such order for this account")
+        return order
+
+    def authorizations(self, order: Order) -> list[Authorization]:
+        out = []
+        for authz_id in order.authorization_ids:
+            authz = self.store.authorization(authz_id)
+            if authz is not None:
+                out.append(authz)
+        return out
+
+    # -- authorizations and challenges (§7.5) ------------------------------------------------
+
+    def authorization_for(self, account: Account, authz_id: str) -> Authorization:
+        authz = self.store.authorization(authz_id)
+        if authz is None or authz.account_id != account.id:
+            raise problems.not_found("no such authorization for this account")
+        return authz
+
+    def deactivate_authorization(self, account: Account, authz_id: str) -> Authorization:
+        self.authorization_for(account, authz_id)
+        if not self.store.deactivate_authorization(authz_id):
+            raise problems.malformed("only a pending or valid authorization can be deactivated")
+        return self.authorization_for(account, authz_id)
+
+    def challenge_for(self, account: Account, challenge_id: str) -> tuple[Challenge, Authorization]:
+        challenge = self.store.challenge(challenge_id)
+        if challenge is None:
+            raise problems.not_found("no such challenge")
+        authz = self.authorization_for(account, challenge.authorization_id)
+        return challenge, authz
+
+    def respond_to_challenge(
+        self, account: Account, challenge_id: str
+    ) -> tuple[Challenge, Authorization]:
+        """§7.5.1: start validating (once), wait a little for it, return the current state."""
+        challenge, authz = self.challenge_for(account, challenge_id)
+        if authz.status != "pending" or challenge.status != "pending":
+            return challenge, authz
+        if any(
+            c.status in ("processing", "valid") for c in authz.challenges if c.id != challenge.id
+        ):
+            raise problems.malformed("another challenge of this authorization is being validated")
+        since = self.clock.now() - datetime.timedelta(hours=1)
+        self._rate_limit(
+            self.store.count_failed_validations_since(account.id, authz.identifier_value, since),
+            self.settings.failed_validations_per_account_per_hour,
+            f"failed validations for {authz.identifier_value} per hour",
+            3600,
+        )
+        if self.store.start_challenge(challenge.id):
+            future = self._pool().submit(self.validate, challenge.id)
+            # Still running after the wait: the client polls, told Retry-After.
+            with contextlib.suppress(concurrent.futures.TimeoutError):
+                future.result(timeout=self.settings.challenge_wait)
+        return self.challenge_for(account, challenge_id)
+
+    def _pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        with self._executor_lock:
+            if self._executor is None:
+                self._executor = concurrent.futures.ThreadPoolExecutor(
+                    max_workers=16, thread_name_prefix="acme-validate"
+                )
+            return self._executor
+
+    def validate(self, challenge_id: str) -> None:
+        """Validate one challenge for real and record the outcome; never raises."""
+        try:
+            challenge = self.store.challenge(challenge_id)
+            if challenge is None or challenge.status != "processing":
+                return
+            authz = self.store.authorization(challenge.authorization_id)
+            account = self.store.account(authz.account_id) if authz else None
+            if authz is None or account is None:
+                return
+            key_authorization = jws.key_authorization(challenge.token, account.jwk)
+            identifier = {"type": authz.identifier_type, "value": authz.identifier_value}
+            name = ("*." if authz.wildcard else "") + authz.identifier_value
+            cfg = self.settings.validation
+            try:
+                if challenge.type == "http-01":
+                    records = validate_http01(
+                        authz.identifier_type,  # type: ignore[arg-type]
+                        authz.identifier_value,
+                        challenge.token,
+                        key_authorization,
+                        cfg,
+                    )
+                elif challenge.type == "dns-01":
+                    records = validate_dns01(authz.identifier_value, key_authorization, cfg)
+                else:
+                    records = validate_tls_alpn01(
+                        authz.identifier_type,  # type: ignore[arg-type]
+                        authz.identifier_value,
+                        key_authorization,
+                        cfg,
+                    )
+                if authz.identifier_type == "dns":
+                    check_caa(
+                        name,
+                        issuer_domains=self.settings.caa_identities,
+                        account_uri=None,
+                        method=challenge.type,
+                        cfg=cfg,
+                    )
+            except ValidationError as exc:
+                problem = AcmeProblem(
+                    exc.problem_type,
+                    exc.detail,
+                    400 if exc.problem_type != "caa" else 403,
+                    identifier=identifier,
+                )
+                self.store.finish_challenge(
+                    challenge_id,
+                    valid=False,
+                    error=problem.to_json(),
+                    record=[r.to_json() for r in exc.records],
+                )
+                return
+            self.store.finish_challenge(
+                challenge_id, valid=True, error=None, record=[r.to_json() for r in records]
+            )
+        except Exception:  # a validator bug must not leave the challenge processing forever
+            log.exception("validation of challenge %s failed unexpectedly", challenge_id)
+            with contextlib.suppress(CAError):
+                self.store.finish_challenge(
+                    challenge_id,
+                    valid=False,
+                    error=problems.server_internal("validation failed unexpectedly").to_json(),
+                    record=[],
+                )
+
+    def recover_stale_challenges(self) -> int:
+        """Re-run validations a dead process left `processing`."""
+        stale = self.store.stale_processing_challenges(self.clock.now() - STALE_CHALLENGE_AFTER)
+        for challenge_id in stale:
+            self.validate(challenge_id)
+        return len(stale)
+
+    # -- finalize (§7.4) --------------------------------------------------------------------
+
+    def finalize(self, account: Account, order_id: str, payload: Mapping[str, Any]) -> Order:
+        order = self.order_for(account, order_id)
+        if order.status in ("processing", "valid"):
+            return order
+        if order.status != "ready":
+            raise problems.order_not_ready(f"order is {order.status}, not ready")
+        csr_b64 = payload.get("csr")
+        if not isinstance(csr_b64, str):
+            raise problems.malformed("finalize needs a csr")
+        try:
+            csr = x509.load_der_x509_csr(jws.b64url_decode(csr_b64))
+        except (ValueError, AcmeProblem):
+            raise problems.bad_csr("the CSR is not a DER PKCS#10 request") from None
+        try:
+            policy.check_csr_signature(csr)
+            csr_key = policy.csr_public_key(csr)
+            requested = {policy.normalize(i) for i in policy.csr_identifiers(csr)}
+        except CAError as exc:
+            raise problems.bad_csr(exc.detail) from None
+        ordered = {Identifier(i["type"], i["value"]) for i in order.identifiers}
+        if requested != ordered:
+            raise problems.bad_csr("the CSR must name exactly the order's identifiers")
+        if certs.spki_sha256(csr_key) == _jwk_spki_sha256(account.jwk):
+            raise problems.bad_csr("the certificate key must not be the account key")
+        # CAA recheck before the serial is touched (BR 3.2.2.8: validation older than 8 hours).
+        stale = [
+            a
+            for a in self.authorizations(order)
+            if a.identifier_type == "dns"
+            and (a.validated_at is None or a.validated_at < self.clock.now() - CAA_RECHECK_AFTER)
+        ]
+        for authz in stale:
+            try:
+                check_caa(
+                    ("*." if authz.wildcard else "") + authz.identifier_value,
+                    issuer_domains=self.settings.caa_identities,
+                    account_uri=None,
+                    method="dns-01",
+                    cfg=self.settings.validation,
+                )
+            except ValidationError as exc:
+                raise AcmeProblem(
+                    exc.problem_type,
+                    exc.detail,
+                    403,
+                    identifier={"type": "dns", "value": authz.identifier_value},
+                ) from None
+        if not self.store.begin_finalize(order.id):
+            return self.order_for(account, order_id)
+        replaces = None
+        if order.replaces:
+            replaces = parse_ari_cert_id(order.replaces)[1]
+        try:
+            issued = self.authority.issue(
+                _issuance_request(csr_key, ordered, order.profile, account.id, replaces)
+            )
+        except CAError as exc:
+            transient = exc.kind in (Kind.HSM, Kind.STORAGE, Kind.INTERNAL)
+            problem = problem_for(exc)
+            # If even this fails the order stays processing; nothing was released.
+            with contextlib.suppress(CAError):
+                self.store.fail_order(order.id, problem.to_json(), back_to_ready=transient)
+            raise problem from None
+        self.store.complete_order(order.id, issued.record.serial)
+        return self.order_for(account, order_id)
+
+    # -- certificates and revocation (§7.4.2, §7.6) -------------------------------------------
+
+    def certificate_chain(self, account: Account, serial: str, alternate: int) -> str:
+        try:
+            record = self.runtime.storage.get_certificate(serial)
+        except CAError:
+            raise problems.not_found("no such certificate") from None
+        if record.acme_account_id != account.id or record.der is None:
+            raise problems.not_found("no such certificate for this account")
+        leaf = x509.load_der_x509_certificate(record.der)
+        chain = self._chain(record)
+        if alternate == 1:
+            chain = [*chain, self._root(chain[-1])]
+        elif alternate != 0:
+            raise problems.not_found("no such alternate chain")
+        return "".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in [leaf, *chain])
+
+    def _chain(self, record: CertificateRecord) -> list[x509.Certificate]:
+        chain = []
+        issuer = self.runtime.storage.get_issuer(record.issuer_id)
+        while issuer.kind != "root":
+            chain.append(x509.load_der_x509_certificate(issuer.cert_der))
+            if issuer.parent_id is None:
+                break
+            issuer = self.runtime.storage.get_issuer(issuer.parent_id)
+        return chain
+
+    def _root(self, top: x509.Certificate) -> x509.Certificate:
+        for issuer in self.runtime.storage.list_issuers():
+            if issuer.kind == "root":
+                root = x509.load_der_x509_certificate(issuer.cert_der)
+                if root.subject == top.issuer:
+                    return root
+        raise problems.not_found("no alternate chain")
+
+    def revoke(
+        self,
+        payload: Mapping[str, Any],
+        account: Account | None,
+        signer_jwk: dict[str, Any] | None,
+    ) -> None:
+        cert_b64 = payload.get("certificate")
+        if not isinstance(cert_b64, str):
+            raise problems.malformed("revokeCert needs a certificate")
+        try:
+            der = jws.b64url_decode(cert_b64)
+            certificate = x509.load_der_x509_certificate(der)
+        except (ValueError, AcmeProblem):
+            raise problems.malformed("the certificate is not DER") from None
+        reason = payload.get("reason", 0)
+        if (
+            not isinstance(reason, int)
+            or isinstance(reason, bool)
+            or reason not in SUBSCRIBER_REASONS
+        ):
+            raise problems.bad_revocation_reason(
+                f"reason must be one of {sorted(SUBSCRIBER_REASONS)} (RFC 5280 §5.3.1)"
+            )
+        serial = certs.serial_hex(certificate.serial_number)
+        try:
+            record = self.runtime.storage.get_certificate(serial)
+        except CAError:
+            raise problems.not_found("this certificate was not issued here") from None
+        if record.der != der:
+            raise problems.not_found("this certificate was not issued here")
+        if account is not None:
+            held = self.store.valid_authorization_values(account.id, self.clock.now())
+            names = {n.removeprefix("*.") for n in record.names}
+            if record.acme_account_id != account.id and not names <= held:
+                raise problems.unauthorized(
+                    "this account neither ordered this certificate nor holds authorizations "
+                    "for all its names"
+                )
+            actor = f"acme:account/{account.id}"
+        else:
+            assert signer_jwk is not None
+            if _jwk_spki_sha256(signer_jwk) != record.spki_sha256:
+                raise problems.unauthorized("the request is not signed by the certificate's key")
+            actor = "acme:certificate-key"
+        try:
+            self.authority.revoke(serial, reason, actor)
+        except CAError as exc:
+            raise problem_for(exc) from None
+
+    # -- ARI (RFC 9773) ---------------------------------------------------------------------
+
+    def renewal_info(self, cert_id: str) -> tuple[dict[str, Any], int]:
+        aki, serial = parse_ari_cert_id(cert_id)
+        try:
+            record = self.runtime.storage.get_certificate(serial)
+            issuer = self.runtime.storage.get_issuer(record.issuer_id)
+        except CAError:
+            raise problems.not_found("no such certificate") from None
+        if bytes.fromhex(issuer.ski) != aki or record.der is None:
+            raise problems.not_found("no such certificate")
+        now = self.clock.now()
+        lifetime = record.not_after - record.not_before
+        if record.status == "revoked":
+            # §4.2: a window in the past asks for renewal now.
+            start, end = now - datetime.timedelta(hours=2), now - datetime.timedelta(hours=1)
+        elif issuer.status != "active":
+            start, end = now, now + min(lifetime / 10, datetime.timedelta(days=2))
+        else:
+            start = record.not_before + lifetime * 2 / 3
+            end = record.not_before + lifetime * 5 / 6
+        window = {
+            "suggestedWindow": {
+                "start": start.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "end": end.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            }
+        }
+        return window, 21600  # Retry-After: six hours (§4.3 suggests a few hours)
+
+
+class KeyInUse(Exception):
+    def __init__(self, account_id: int) -> None:
+        super().__init__(account_id)
+        self.account_id = account_id
+
+
+def _eab_allows(identifier: Identifier, allowed: Sequence[str]) -> bool:
+    for entry in allowed:
+        if identifier.type == "ip":
+            try:
+                if ipaddress.ip_address(identifier.value) in ipaddress.ip_network(entry):
+                    return True
+            except ValueError:
+                continue
+        else:
+            base = identifier.value.removeprefix("*.")
+            suffix = entry.strip(".").lower()
+            if base == suffix or base.endswith("." + suffix):
+                return True
+    return False
+
+
+def _jwk_spki_sha256(jwk: Mapping[str, Any]) -> str:
+    """SHA-256 of the SubjectPublicKeyInfo of a JWK, to compare with a certificate's key."""
+    public = jws.account_key_from_jwk(jwk).key
+    der = public.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return hashlib.sha256(der).hexdigest()
+
+
+def _issuance_request(
+    key: Any, identifiers: set[Identifier], profile: str, account_id: int, replaces: str | None
+) -> Any:
+    from ca.issuance import IssuanceRequest
+
+    return IssuanceRequest(
+        public_key=key,
+        identifiers=tuple(sorted(identifiers)),
+        profile=profile,
+        source=f"acme:account/{account_id}",
+        acme_account_id=account_id,
+        replaces=replaces,
+    )
+
+
+def problem_for(exc: CAError) -> AcmeProblem:
+    """The one mapping of the CA core's error kinds to RFC 8555 §6.7 problems."""
+    if exc.kind is Kind.BAD_CSR:
+        return problems.bad_csr(exc.detail)
+    if exc.kind is Kind.POLICY:
+        if exc.rule and exc.rule.startswith("names."):
+            return problems.rejected_identifier(exc.detail)
+        return problems.bad_csr(exc.detail)
+    if exc.kind is Kind.ALREADY_REVOKED:
+        return problems.already_revoked(exc.detail)
+    if exc.kind is Kind.BAD_REVOCATION_REASON:
+        return problems.bad_revocation_reason(exc.detail)
+    if exc.kind is Kind.NOT_FOUND:
+        return problems.not_found(exc.detail)
+    if exc.kind in (Kind.HSM, Kind.STORAGE):
+        # Transient: 503 tells the client to come back; the detail stays generic.
+        return AcmeProblem(
+            "serverInternal",
+            "the CA is temporarily unavailable; retry later",
+            503,
+            headers={"Retry-After": "30"},
+        )
+    return problems.server_internal()

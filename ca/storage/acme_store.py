@@ -1,0 +1,722 @@
+"""Storage of ACME objects (RFC 8555 §7.1): nonces, accounts, orders, authorizations,
+challenges and EAB keys. Shared by every server process: nothing ACME needs lives in memory.
+
+State changes are conditional UPDATEs whose row counts are checked, so two processes racing on
+one order (two finalize requests at once) cannot both win.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import secrets
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.orm import Session
+
+from ca.errors import CAError, Kind
+from ca.storage.models import (
+    AcmeAccount,
+    AcmeAuthorization,
+    AcmeChallenge,
+    AcmeEabKey,
+    AcmeNonce,
+    AcmeOrder,
+    AcmeOrderAuthorization,
+    Certificate,
+    CertificateName,
+)
+from ca.storage.store import Storage, rowcount
+
+
+def new_id() -> str:
+    """A random, unguessable object id for URLs (as Pebble does: no enumerable counters)."""
+    return secrets.token_urlsafe(16)
+
+
+@dataclasses.dataclass(frozen=True)
+class Account:
+    id: int
+    key_thumbprint: str
+    jwk: dict[str, Any]
+    status: str
+    contact: list[str]
+    tos_agreed: bool
+    eab_key_id: str | None
+    created_at: datetime.datetime
+
+
+@dataclasses.dataclass(frozen=True)
+class Challenge:
+    id: str
+    authorization_id: str
+    type: str
+    token: str
+    status: str
+    validated_at: datetime.datetime | None
+    error: dict[str, Any] | None
+    validation_record: list[dict[str, Any]] | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Authorization:
+    id: str
+    account_id: int
+    identifier_type: str
+    identifier_value: str
+    wildcard: bool
+    status: str
+    expires: datetime.datetime
+    validated_at: datetime.datetime | None
+    challenges: tuple[Challenge, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Order:
+    id: str
+    account_id: int
+    status: str
+    expires: datetime.datetime
+    identifiers: list[dict[str, str]]
+    not_before: datetime.datetime | None
+    not_after: datetime.datetime | None
+    profile: str
+    replaces: str | None
+    error: dict[str, Any] | None
+    certificate_serial: str | None
+    authorization_ids: tuple[str, ...]
+    created_at: datetime.datetime
+
+
+@dataclasses.dataclass(frozen=True)
+class NewAuthorization:
+    identifier_type: str
+    identifier_value: str
+    wildcard: bool
+    challenge_types: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class EabKey:
+    key_id: str
+    hmac_key: bytes
+    allowed_names: tuple[str, ...]
+    owner: str | None
+    account_id: int | None
+
+
+def _account(row: AcmeAccount) -> Account:
+    return Account(
+        id=row.id,
+        key_thumbprint=row.key_thumbprint,
+        jwk=json.loads(row.jwk),
+        status=row.status,
+        contact=json.loads(row.contact),
+        tos_agreed=row.tos_agreed,
+        eab_key_id=row.eab_key_id,
+        created_at=row.created_at,
+    )
+
+
+def _challenge(row: AcmeChallenge) -> Challenge:
+    return Challenge(
+        id=row.id,
+        authorization_id=row.authorization_id,
+        type=row.type,
+        token=row.token,
+        status=row.status,
+        validated_at=row.validated_at,
+        error=json.loads(row.error) if row.error else None,
+        validation_record=json.loads(row.validation_record) if row.validation_record else None,
+    )
+
+
+class AcmeStore:
+    """The ACME side of the one storage layer."""
+
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+        self.clock = storage.clock
+
+    # -- nonces (§6.5) ----------------------------------------------------------------------
+
+    def add_nonce(self, value: str, lifetime: datetime.timedelta) -> None:
+        with self.storage.transaction() as session:
+            session.add(AcmeNonce(value=value, expires_at=self.clock.now() + lifetime))
+
+    def consume_nonce(self, value: str) -> bool:
+        """True exactly once for a nonce some server process issued and that is unexpired."""
+        with self.storage.transaction() as session:
+            result = session.execute(
+                delete(AcmeNonce).where(
+                    AcmeNonce.value == value, AcmeNonce.expires_at > self.clock.now()
+                )
+            )
+            return rowcount(result) == 1
+
+    def purge_nonces(self) -> int:
+        with self.storage.transaction() as session:
+            result = session.execute(
+                delete(AcmeNonce).where(AcmeNonce.expires_at <= self.clock.now())
+            )
+            return rowcount(result)
+
+    # -- accounts (§7.3) --------------------------------------------------------------------
+
+    def create_account(
+        self,
+        *,
+        thumbprint: str,
+        jwk: dict[str, Any],
+        contact: Sequence[str],
+        tos_agreed: bool,
+        eab_key_id: str | None,
+        ip: str,
+    ) -> tuple[Account, bool]:
+        """The account for this key, created if new; returns (account, created).
+
+        When EAB binds the account, the EAB key is bound in the same transaction so one key
+        can never bind two accounts.
+        """
+        with self.storage.transaction() as session:
+            existing = session.scalar(
+                select(AcmeAccount).where(AcmeAccount.key_thumbprint == thumbprint)
+            )
+            if existing is not None:
+                return _account(existing), False
+            row = AcmeAccount(
+                key_thumbprint=thumbprint,
+                jwk=json.dumps(jwk, sort_keys=True),
+                status="valid",
+                contact=json.dumps(list(contact)),
+                tos_agreed=tos_agreed,
+                eab_key_id=eab_key_id,
+                created_at=self.clock.now(),
+                created_ip=ip,
+            )
+            session.add(row)
+            session.flush()
+            if eab_key_id is not None:
+                bound = session.execute(
+                    update(AcmeEabKey)
+                    .where(AcmeEabKey.key_id == eab_key_id, AcmeEabKey.account_id.is_(None))
+                    .values(account_id=row.id)
+                )
+                if rowcount(bound) != 1:
+                    raise CAError(Kind.CONFLICT, "this external account key is already bound")
+            self.storage._audit(
+                session,
+                f"acme:account/{row.id}",
+                "acme.account.create",
+                f"account:{row.id}",
+                "success",
+                {"contact": list(contact), "eab": eab_key_id},
+            )
+            return _account(row), True
+
+    def account(self, account_id: int) -> Account | None:
+        with self.storage.transaction() as session:
+            row = session.get(AcmeAccount, account_id)
+            return _account(row) if row else None
+
+    def account_by_thumbprint(self, thumbprint: str) -> Account | None:
+        with self.storage.transaction() as session:
+            row = session.scalar(
+                select(AcmeAccount).where(AcmeAccount.key_thumbprint == thumbprint)
+            )
+            return _account(row) if row else None
+
+    def update_account(
+        self, account_id: int, *, contact: Sequence[str] | None = None, status: str | None = None
+    ) -> Account:
+        values: dict[str, Any] = {}
+        if contact is not None:
+            values["contact"] = json.dumps(list(contact))
+        if status is not None:
+            values["status"] = status
+        with self.storage.transaction() as session:
+            if values:
+                session.execute(
+                    update(AcmeAccount)
+                    .where(AcmeAccount.id == account_id, AcmeAccount.status == "valid")
+                    .values(**values)
+                )
+                self.storage._audit(
+                    session,
+                    f"acme:account/{account_id}",
+                    "acme.account.update",
+                    f"account:{account_id}",
+                    "success",
+                    {k: v for k, v in values.items()},
+                )
+            return _account(session.get_one(AcmeAccount, account_id))
+
+    def change_key(self, account_id: int, thumbprint: str, jwk: dict[str, Any]) -> None:
+        """Roll the account's key (§7.3.5); CONFLICT when another account has the new key."""
+        with self.storage.transaction() as session:
+            session.execute(
+                update(AcmeAccount)
+                .where(AcmeAccount.id == account_id)
+                .values(key_thumbprint=thumbprint, jwk=json.dumps(jwk, sort_keys=True))
+            )
+            self.storage._audit(
+                session,
+                f"acme:account/{account_id}",
+                "acme.account.key_change",
+                f"account:{account_id}",
+                "success",
+                {"thumbprint": thumbprint},
+            )
+
+    # -- EAB (§7.3.4) -----------------------------------------------------------------------
+
+    def create_eab_key(self, owner: str | None, allowed_names: Sequence[str], actor: str) -> EabKey:
+        key = EabKey(
+            key_id=f"kid-{secrets.token_urlsafe(12)}",
+            hmac_key=secrets.token_bytes(32),
+            allowed_names=tuple(allowed_names),
+            owner=owner,
+            account_id=None,
+        )
+        with self.storage.transaction() as session:
+            session.add(
+                AcmeEabKey(
+                    key_id=key.key_id,
+                    hmac_key=key.hmac_key,
+                    allowed_names=" ".join(allowed_names),
+                    owner=owner,
+                    account_id=None,
+                    created_at=self.clock.now(),
+                )
+            )
+            self.storage._audit(
+                session,
+                actor,
+                "acme.eab.create",
+                f"eab:{key.key_id}",
+                "success",
+                {"owner": owner, "allowed_names": list(allowed_names)},
+            )
+        return key
+
+    def eab_key(self, key_id: str) -> EabKey | None:
+        with self.storage.transaction() as session:
+            row = session.get(AcmeEabKey, key_id)
+            if row is None:
+                return None
+            return EabKey(
+                key_id=row.key_id,
+                hmac_key=row.hmac_key,
+                allowed_names=tuple(row.allowed_names.split()),
+                owner=row.owner,
+                account_id=row.account_id,
+            )
+
+    # -- orders and authorizations (§7.4, §7.5) ----------------------------------------------
+
+    def reusable_authorization(
+        self,
+        account_id: int,
+        identifier_type: str,
+        value: str,
+        wildcard: bool,
+        validated_after: datetime.datetime,
+    ) -> str | None:
+        """A valid, unexpired authorization of this account for this identifier (§7.1.4 allows
+        the server to reuse one), validated no earlier than `validated_after`."""
+        now = self.clock.now()
+        with self.storage.transaction() as session:
+            return session.scalar(
+                select(AcmeAuthorization.id)
+                .where(
+                    AcmeAuthorization.account_id == account_id,
+                    AcmeAuthorization.identifier_type == identifier_type,
+                    AcmeAuthorization.identifier_value == value,
+                    AcmeAuthorization.wildcard == wildcard,
+                    AcmeAuthorization.status == "valid",
+                    AcmeAuthorization.expires > now + datetime.timedelta(hours=1),
+                    AcmeAuthorization.validated_at >= validated_after,
+                )
+                .order_by(AcmeAuthorization.expires.desc())
+                .limit(1)
+            )
+
+    def create_order(
+        self,
+        *,
+        account_id: int,
+        identifiers: Sequence[dict[str, str]],
+        reused: Sequence[str],
+        new: Sequence[NewAuthorization],
+        profile: str,
+        expires: datetime.datetime,
+        authz_expires: datetime.datetime,
+        not_before: datetime.datetime | None,
+        not_after: datetime.datetime | None,
+        replaces: str | None,
+    ) -> Order:
+        """An order with its authorizations (reused ones plus new pending ones), atomically."""
+        now = self.clock.now()
+        order_id = new_id()
+        with self.storage.transaction() as session:
+            authz_ids = list(reused)
+            for spec in new:
+                authz_id = new_id()
+                session.add(
+                    AcmeAuthorization(
+                        id=authz_id,
+                        account_id=account_id,
+                        identifier_type=spec.identifier_type,
+                        identifier_value=spec.identifier_value,
+                        wildcard=spec.wildcard,
+                        status="pending",
+                        expires=authz_expires,
+                        created_at=now,
+                    )
+                )
+                for challenge_type in spec.challenge_types:
+                    session.add(
+                        AcmeChallenge(
+                            id=new_id(),
+                            authorization_id=authz_id,
+                            type=challenge_type,
+                            # §8.1: at least 128 bits of entropy, base64url.
+                            token=secrets.token_urlsafe(32),
+                            status="pending",
+                            updated_at=now,
+                        )
+                    )
+                authz_ids.append(authz_id)
+            status = "ready" if not new else "pending"
+            session.add(
+                AcmeOrder(
+                    id=order_id,
+                    account_id=account_id,
+                    status=status,
+                    expires=expires,
+                    identifiers=json.dumps(list(identifiers)),
+                    not_before=not_before,
+                    not_after=not_after,
+                    profile=profile,
+                    replaces=replaces,
+                    created_at=now,
+                )
+            )
+            session.flush()
+            session.add_all(
+                AcmeOrderAuthorization(order_id=order_id, authorization_id=a) for a in authz_ids
+            )
+        order = self.order(order_id)
+        assert order is not None
+        return order
+
+    def order(self, order_id: str) -> Order | None:
+        with self.storage.transaction() as session:
+            row = session.get(AcmeOrder, order_id)
+            if row is None:
+                return None
+            return self._order(session, row)
+
+    def _order(self, session: Session, row: AcmeOrder) -> Order:
+        authz_ids = tuple(
+            session.scalars(
+                select(AcmeOrderAuthorization.authorization_id)
+                .where(AcmeOrderAuthorization.order_id == row.id)
+                .order_by(AcmeOrderAuthorization.authorization_id)
+            )
+        )
+        status = row.status
+        if status in ("pending", "ready") and row.expires <= self.clock.now():
+            status = "invalid"  # §7.1.6: an expired order is invalid
+        return Order(
+            id=row.id,
+            account_id=row.account_id,
+            status=status,
+            expires=row.expires,
+            identifiers=json.loads(row.identifiers),
+            not_before=row.not_before,
+            not_after=row.not_after,
+            profile=row.profile,
+            replaces=row.replaces,
+            error=json.loads(row.error) if row.error else None,
+            certificate_serial=row.certificate_serial,
+            authorization_ids=authz_ids,
+            created_at=row.created_at,
+        )
+
+    def authorization(self, authz_id: str) -> Authorization | None:
+        with self.storage.transaction() as session:
+            row = session.get(AcmeAuthorization, authz_id)
+            if row is None:
+                return None
+            challenges = tuple(
+                _challenge(c)
+                for c in session.scalars(
+                    select(AcmeChallenge)
+                    .where(AcmeChallenge.authorization_id == authz_id)
+                    .order_by(AcmeChallenge.type)
+                )
+            )
+            status = row.status
+            if status in ("pending", "valid") and row.expires <= self.clock.now():
+                status = "expired"
+            return Authorization(
+                id=row.id,
+                account_id=row.account_id,
+                identifier_type=row.identifier_type,
+                identifier_value=row.identifier_value,
+                wildcard=row.wildcard,
+                status=status,
+                expires=row.expires,
+                validated_at=row.validated_at,
+                challenges=challenges,
+            )
+
+    def challenge(self, challenge_id: str) -> Challenge | None:
+        with self.storage.transaction() as session:
+            row = session.get(AcmeChallenge, challenge_id)
+            return _challenge(row) if row else None
+
+    def start_challenge(self, challenge_id: str) -> bool:
+        """pending → processing, once (§7.5.1: a repeated POST changes nothing)."""
+        with self.storage.transaction() as session:
+            result = session.execute(
+                update(AcmeChallenge)
+                .where(AcmeChallenge.id == challenge_id, AcmeChallenge.status == "pending")
+                .values(status="processing", updated_at=self.clock.now())
+            )
+            return rowcount(result) == 1
+
+    def finish_challenge(
+        self,
+        challenge_id: str,
+        *,
+        valid: bool,
+        error: dict[str, Any] | None,
+        record: list[dict[str, Any]],
+    ) -> None:
+        """Record a validation's outcome and carry it to the authorization and its orders.
+
+        §7.1.6: a valid challenge makes its authorization valid; an invalid one makes it
+        invalid, and an order with an invalid authorization is invalid. An order whose every
+        authorization is valid becomes ready.
+        """
+        now = self.clock.now()
+        with self.storage.transaction() as session:
+            result = session.execute(
+                update(AcmeChallenge)
+                .where(AcmeChallenge.id == challenge_id, AcmeChallenge.status == "processing")
+                .values(
+                    status="valid" if valid else "invalid",
+                    validated_at=now if valid else None,
+                    error=json.dumps(error) if error else None,
+                    validation_record=json.dumps(record),
+                    updated_at=now,
+                )
+            )
+            if rowcount(result) != 1:
+                return  # someone else finished it
+            authz_id = session.get_one(AcmeChallenge, challenge_id).authorization_id
+            session.execute(
+                update(AcmeAuthorization)
+                .where(AcmeAuthorization.id == authz_id, AcmeAuthorization.status == "pending")
+                .values(status="valid" if valid else "invalid", validated_at=now if valid else None)
+            )
+            order_ids = list(
+                session.scalars(
+                    select(AcmeOrderAuthorization.order_id).where(
+                        AcmeOrderAuthorization.authorization_id == authz_id
+                    )
+                )
+            )
+            for order_id in order_ids:
+                self._settle_order(session, order_id, error)
+
+    def _settle_order(self, session: Session, order_id: str, error: dict[str, Any] | None) -> None:
+        statuses = list(
+            session.scalars(
+                select(AcmeAuthorization.status)
+                .join(
+                    AcmeOrderAuthorization,
+                    AcmeOrderAuthorization.authorization_id == AcmeAuthorization.id,
+                )
+                .where(AcmeOrderAuthorization.order_id == order_id)
+            )
+        )
+        if any(s in ("invalid", "deactivated", "revoked", "expired") for s in statuses):
+            session.execute(
+                update(AcmeOrder)
+                .where(AcmeOrder.id == order_id, AcmeOrder.status == "pending")
+                .values(status="invalid", error=json.dumps(error) if error else None)
+            )
+        elif statuses and all(s == "valid" for s in statuses):
+            session.execute(
+                update(AcmeOrder)
+                .where(AcmeOrder.id == order_id, AcmeOrder.status == "pending")
+                .values(status="ready")
+            )
+
+    def deactivate_authorization(self, authz_id: str) -> bool:
+        """§7.5.2: a pending or valid authorization may be deactivated by its account."""
+        with self.storage.transaction() as session:
+            result = session.execute(
+                update(AcmeAuthorization)
+                .where(
+                    AcmeAuthorization.id == authz_id,
+                    AcmeAuthorization.status.in_(("pending", "valid")),
+                )
+                .values(status="deactivated")
+            )
+            if rowcount(result) != 1:
+                return False
+            order_ids = list(
+                session.scalars(
+                    select(AcmeOrderAuthorization.order_id).where(
+                        AcmeOrderAuthorization.authorization_id == authz_id
+                    )
+                )
+            )
+            for order_id in order_ids:
+                self._settle_order(session, order_id, None)
+            return True
+
+    def begin_finalize(self, order_id: str) -> bool:
+        """ready → processing, exactly once: of two finalize requests only one proceeds."""
+        with self.storage.transaction() as session:
+            result = session.execute(
+                update(AcmeOrder)
+                .where(
+                    AcmeOrder.id == order_id,
+                    AcmeOrder.status == "ready",
+                    AcmeOrder.expires > self.clock.now(),
+                )
+                .values(status="processing")
+            )
+            return rowcount(result) == 1
+
+    def complete_order(self, order_id: str, serial: str) -> None:
+        with self.storage.transaction() as session:
+            session.execute(
+                update(AcmeOrder)
+                .where(AcmeOrder.id == order_id, AcmeOrder.status == "processing")
+                .values(status="valid", certificate_serial=serial)
+            )
+
+    def fail_order(self, order_id: str, error: dict[str, Any], *, back_to_ready: bool) -> None:
+        """A finalize that failed: invalid with its error, or (for a transient failure such
+        as the HSM or database being down) ready again so the client may retry."""
+        with self.storage.transaction() as session:
+            session.execute(
+                update(AcmeOrder)
+                .where(AcmeOrder.id == order_id, AcmeOrder.status == "processing")
+                .values(
+                    status="ready" if back_to_ready else "invalid",
+                    error=None if back_to_ready else json.dumps(error),
+                )
+            )
+
+    def account_orders(self, account_id: int, limit: int = 1000) -> list[str]:
+        """§7.1.2.1: the account's orders; pending and newest first."""
+        with self.storage.transaction() as session:
+            return list(
+                session.scalars(
+                    select(AcmeOrder.id)
+                    .where(AcmeOrder.account_id == account_id)
+                    .order_by(AcmeOrder.created_at.desc())
+                    .limit(limit)
+                )
+            )
+
+    # -- rate-limit counts (shared by every process because they are counts of rows) --------
+
+    def count_orders_since(self, account_id: int, since: datetime.datetime) -> int:
+        with self.storage.transaction() as session:
+            return int(
+                session.scalar(
+                    select(func.count())
+                    .select_from(AcmeOrder)
+                    .where(AcmeOrder.account_id == account_id, AcmeOrder.created_at >= since)
+                )
+                or 0
+            )
+
+    def count_accounts_from_ip_since(self, ip: str, since: datetime.datetime) -> int:
+        with self.storage.transaction() as session:
+            return int(
+                session.scalar(
+                    select(func.count())
+                    .select_from(AcmeAccount)
+                    .where(AcmeAccount.created_ip == ip, AcmeAccount.created_at >= since)
+                )
+                or 0
+            )
+
+    def count_failed_validations_since(
+        self, account_id: int, value: str, since: datetime.datetime
+    ) -> int:
+        with self.storage.transaction() as session:
+            return int(
+                session.scalar(
+                    select(func.count())
+                    .select_from(AcmeChallenge)
+                    .join(
+                        AcmeAuthorization,
+                        AcmeAuthorization.id == AcmeChallenge.authorization_id,
+                    )
+                    .where(
+                        AcmeAuthorization.account_id == account_id,
+                        AcmeAuthorization.identifier_value == value,
+                        AcmeChallenge.status == "invalid",
+                        AcmeChallenge.updated_at >= since,
+                    )
+                )
+                or 0
+            )
+
+    def count_certificates_for_domain_since(
+        self, registered_domain: str, since: datetime.datetime
+    ) -> int:
+        """Certificates issued since `since` carrying the domain or a name under it."""
+        with self.storage.transaction() as session:
+            return int(
+                session.scalar(
+                    select(func.count(func.distinct(Certificate.id)))
+                    .select_from(Certificate)
+                    .join(CertificateName, CertificateName.certificate_id == Certificate.id)
+                    .where(
+                        (CertificateName.name == registered_domain)
+                        | CertificateName.name.like(f"%.{registered_domain}"),
+                        Certificate.created_at >= since,
+                        Certificate.status.in_(("issued", "revoked")),
+                    )
+                )
+                or 0
+            )
+
+    def valid_authorization_values(self, account_id: int, now: datetime.datetime) -> set[str]:
+        """Identifier values this account holds valid, unexpired authorizations for (§7.6)."""
+        with self.storage.transaction() as session:
+            return set(
+                session.scalars(
+                    select(AcmeAuthorization.identifier_value).where(
+                        AcmeAuthorization.account_id == account_id,
+                        AcmeAuthorization.status == "valid",
+                        AcmeAuthorization.expires > now,
+                    )
+                )
+            )
+
+    def stale_processing_challenges(self, older_than: datetime.datetime) -> list[str]:
+        """Challenges left `processing` by a process that died mid-validation."""
+        with self.storage.transaction() as session:
+            return list(
+                session.scalars(
+                    select(AcmeChallenge.id).where(
+                        AcmeChallenge.status == "processing",
+                        AcmeChallenge.updated_at < older_than,
+                    )
+                )
+            )
