@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import re
 import threading
 from typing import Any
 
@@ -113,9 +114,32 @@ def _findings(results: Any) -> list[Finding]:
     return out
 
 
+_WILDCARD_FINDING = re.compile(r'^Invalid domain name syntax: "\*\.(?P<base>[^"]+)"$')
+
+
+def is_wildcard_name_finding(finding: Finding) -> bool:
+    """pkilint's RFC 5280 profile checks dNSName against the preferred name syntax, which has
+    no wildcard; RFC 5280 §4.2.1.6 leaves wildcards out of scope and RFC 9525 §6.3 defines
+    them (one leftmost `*` label). Such a finding is tolerated when the name after `*.` passes
+    the very same pkilint syntax check; any other domain-name finding still refuses."""
+    if finding.code != "pkix.invalid_domain_name_syntax" or not finding.message:
+        return False
+    match = _WILDCARD_FINDING.match(finding.message)
+    if match is None:
+        return False
+    from pkilint.pkix.general_name import validators_predicate
+    from validators import domain
+
+    return bool(validators_predicate(domain, match.group("base")))
+
+
 def errors(findings: list[Finding]) -> list[Finding]:
     """Findings of severity ERROR or worse: each of these refuses what was linted."""
-    return [f for f in findings if f.severity in ("FATAL", "ERROR")]
+    return [
+        f
+        for f in findings
+        if f.severity in ("FATAL", "ERROR") and not is_wildcard_name_finding(f)
+    ]
 
 
 @functools.cache

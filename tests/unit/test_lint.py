@@ -124,3 +124,27 @@ def test_undecodable_input_is_a_lint_error() -> None:
     with pytest.raises(CAError) as exc:
         lint.lint_certificate(b"\x30\x03\x02\x01")
     assert exc.value.kind is Kind.LINT
+
+
+@pytest.mark.parametrize(
+    ("names", "tolerated"),
+    [
+        (["*.wild.test", "wild.test"], True),
+        (["*.xn--bcher-kva.test"], True),
+        (["*.bad..name.test"], False),  # the base itself is not a domain name
+        (["a.*.test"], False),  # a wildcard not in the leftmost label
+        (["*.*.test"], False),
+    ],
+)
+def test_wildcard_dns_names_are_tolerated_only_when_well_formed(
+    names: list[str], tolerated: bool
+) -> None:
+    der = (
+        _builder([x509.DNSName(n) for n in names], None)
+        .sign(KEY, hashes.SHA256())
+        .public_bytes(serialization.Encoding.DER)
+    )
+    findings = lint.lint_certificate(der)
+    raw_errors = [f for f in findings if f.severity == "ERROR"]
+    assert raw_errors, "stock pkilint flags every wildcard name"
+    assert (lint.errors(findings) == []) is tolerated
