@@ -55,6 +55,10 @@ class _Application(BaseApplication):  # type: ignore[misc]  # gunicorn ships no 
     def load_config(self) -> None:
         for key, value in self._options.items():
             self.cfg.set(key, value)
+        if "control_socket_disable" in self.cfg.settings:
+            # gunicorn >= 27 opens a control socket at one per-user path: two listeners (or
+            # two servers on a host) would fight over it.
+            self.cfg.set("control_socket_disable", True)
 
     def load(self) -> Any:
         from ca.web import create_app
