@@ -237,10 +237,28 @@ class Storage:
             yield session
 
     @contextmanager
-    def _core(self) -> Iterator[Connection]:
-        """A Core-level transaction for the hot issuance path: no ORM unit of work to flush."""
-        with _database_errors(), self.engine.begin() as connection:
-            yield connection
+    def _core(self, *, flush_log: bool = True) -> Iterator[Connection]:
+        """A Core-level transaction for the hot issuance path: no ORM unit of work to flush.
+
+        `flush_log=False` commits without waiting for the log to reach the disk. Used only for
+        the serial reservation: it is made durable by the flushed commit that records the
+        certificate before release (SQLite's WAL and PostgreSQL's WAL are both written in
+        order, so flushing a later commit flushes every earlier one). A power loss in between
+        can lose the reservation only together with a certificate that was never released.
+        """
+        with _database_errors(), self.engine.connect() as connection:
+            if not flush_log and self.dialect == "sqlite":
+                connection.exec_driver_sql("PRAGMA synchronous=NORMAL")
+                connection.commit()  # end SQLAlchemy's autobegun transaction around the pragma
+            try:
+                with connection.begin():
+                    if not flush_log and self.dialect == "postgresql":
+                        connection.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
+                    yield connection
+            finally:
+                if not flush_log and self.dialect == "sqlite":
+                    connection.exec_driver_sql("PRAGMA synchronous=FULL")
+                    connection.commit()
 
     # -- schema -----------------------------------------------------------------------------
 
@@ -333,7 +351,7 @@ class Storage:
             "status": "pending",
             "created_at": self.clock.now(),
         }
-        with self._core() as connection:
+        with self._core(flush_log=False) as connection:
             certificate_id = connection.execute(_RESERVE, values).scalar_one()
             connection.execute(
                 _ADD_NAMES,
