@@ -437,7 +437,7 @@ class AcmeService:
         return challenge, authz
 
     def respond_to_challenge(
-        self, account: Account, challenge_id: str
+        self, account: Account, challenge_id: str, account_uri: str | None = None
     ) -> tuple[Challenge, Authorization]:
         """§7.5.1: start validating (once), wait a little for it, return the current state."""
         challenge, authz = self.challenge_for(account, challenge_id)
@@ -455,7 +455,7 @@ class AcmeService:
             3600,
         )
         if self.store.start_challenge(challenge.id):
-            future = self._pool().submit(self.validate, challenge.id)
+            future = self._pool().submit(self.validate, challenge.id, account_uri)
             # Still running after the wait: the client polls, told Retry-After.
             with contextlib.suppress(concurrent.futures.TimeoutError):
                 future.result(timeout=self.settings.challenge_wait)
@@ -469,8 +469,11 @@ class AcmeService:
                 )
             return self._executor
 
-    def validate(self, challenge_id: str) -> None:
-        """Validate one challenge for real and record the outcome; never raises."""
+    def validate(self, challenge_id: str, account_uri: str | None = None) -> None:
+        """Validate one challenge for real and record the outcome; never raises.
+
+        `account_uri` is the account's URL, for CAA `accounturi` (RFC 8657 §3); without it a
+        CAA record that restricts accounts refuses."""
         try:
             challenge = self.store.challenge(challenge_id)
             if challenge is None or challenge.status != "processing":
@@ -505,7 +508,7 @@ class AcmeService:
                     check_caa(
                         name,
                         issuer_domains=self.settings.caa_identities,
-                        account_uri=None,
+                        account_uri=account_uri,
                         method=challenge.type,
                         cfg=cfg,
                     )
@@ -545,7 +548,13 @@ class AcmeService:
 
     # -- finalize (§7.4) --------------------------------------------------------------------
 
-    def finalize(self, account: Account, order_id: str, payload: Mapping[str, Any]) -> Order:
+    def finalize(
+        self,
+        account: Account,
+        order_id: str,
+        payload: Mapping[str, Any],
+        account_uri: str | None = None,
+    ) -> Order:
         order = self.order_for(account, order_id)
         if order.status in ("processing", "valid"):
             return order
@@ -581,8 +590,8 @@ class AcmeService:
                 check_caa(
                     ("*." if authz.wildcard else "") + authz.identifier_value,
                     issuer_domains=self.settings.caa_identities,
-                    account_uri=None,
-                    method="dns-01",
+                    account_uri=account_uri,
+                    method=_validated_method(authz),
                     cfg=self.settings.validation,
                 )
             except ValidationError as exc:
@@ -723,6 +732,14 @@ class AcmeService:
             }
         }
         return window, 21600  # Retry-After: six hours (§4.3 suggests a few hours)
+
+
+def _validated_method(authz: Authorization) -> str:
+    """The challenge type that validated an authorization (for CAA validationmethods)."""
+    for challenge in authz.challenges:
+        if challenge.status == "valid":
+            return challenge.type
+    return "dns-01"
 
 
 class KeyInUse(Exception):

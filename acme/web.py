@@ -354,7 +354,7 @@ def blueprint(runtime: Runtime) -> Blueprint:
     def finalize(order_id: str) -> Response:
         parsed, acct = authenticate()
         assert acct is not None
-        done = service().finalize(acct, order_id, parsed.json_payload())
+        done = service().finalize(acct, order_id, parsed.json_payload(), account_url(acct.id))
         retry = 1 if done.status == "processing" else None
         return respond(order_json(done), location=order_url(order_id), retry_after=retry)
 
@@ -380,7 +380,9 @@ def blueprint(runtime: Runtime) -> Blueprint:
             current, authz = service().challenge_for(acct, challenge_id)
         else:
             parsed.json_payload()  # §7.5.1: the response is an empty JSON object
-            current, authz = service().respond_to_challenge(acct, challenge_id)
+            current, authz = service().respond_to_challenge(
+                acct, challenge_id, account_url(acct.id)
+            )
         return respond(
             challenge_json(current),
             links=[(authz_url(authz.id), "up")],

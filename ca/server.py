@@ -66,7 +66,13 @@ class _Application(BaseApplication):  # type: ignore[misc]  # gunicorn ships no 
         # Runs in each worker after fork: the runtime, and with it the HSM session, is the
         # worker's own.
         runtime = Runtime(self._config)
-        return create_app(runtime, self._listener)
+        app = create_app(runtime, self._listener)
+        if self._listener == "https":
+            try:
+                runtime.authority.warm_up()  # the first certificate should not pay for it
+            except CAError as exc:
+                log.warning("warm-up failed (%s); serving anyway, /healthz says why", exc.detail)
+        return app
 
 
 def _gunicorn_options(listen: str, workers: int) -> dict[str, Any]:
