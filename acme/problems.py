@@ -186,6 +186,16 @@ def tls(detail: str, identifier: Mapping[str, str] | None = None) -> AcmeProblem
     return AcmeProblem("tls", detail, 400, identifier=identifier)
 
 
+def account_deactivated(detail: str = "this account is deactivated") -> AcmeProblem:
+    """RFC 8555 §7.3.6: requests from a deactivated account MUST get 401 unauthorized."""
+    return AcmeProblem("unauthorized", detail, 401)
+
+
+def already_replaced(detail: str) -> AcmeProblem:
+    """RFC 9773 §5: a certificate already named by another order's `replaces`: 409."""
+    return AcmeProblem("alreadyReplaced", detail, 409)
+
+
 def unauthorized(detail: str) -> AcmeProblem:
     return AcmeProblem("unauthorized", detail, 403)
 

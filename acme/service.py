@@ -184,11 +184,11 @@ class AcmeService:
     ) -> tuple[Account, bool]:
         thumbprint = jws.jwk_thumbprint(jwk)
         existing = self.store.account_by_thumbprint(thumbprint)
-        if payload.get("onlyReturnExisting") is True:
-            if existing is None:
-                raise problems.account_does_not_exist("no account exists with this key")
-            return existing, False
+        if payload.get("onlyReturnExisting") is True and existing is None:
+            raise problems.account_does_not_exist("no account exists with this key")
         if existing is not None:
+            if existing.status != "valid":
+                raise problems.account_deactivated(f"the account of this key is {existing.status}")
             return existing, False  # §7.3.1: the same key twice returns the existing account
         contact = self.check_contact(payload.get("contact"))
         if self.settings.terms_of_service and payload.get("termsOfServiceAgreed") is not True:
@@ -371,6 +371,25 @@ class AcmeService:
             else:
                 types = ("http-01", "dns-01", "tls-alpn-01")
             new.append(NewAuthorization(identifier.type, value, wildcard, types))
+        try:
+            return self._create_order(account, checked, reused, new, profile_name, now, replaces)
+        except CAError as exc:
+            if exc.kind is Kind.CONFLICT and replaces is not None:
+                raise problems.already_replaced(
+                    "another order already replaces that certificate"
+                ) from None
+            raise
+
+    def _create_order(
+        self,
+        account: Account,
+        checked: Sequence[Identifier],
+        reused: Sequence[str],
+        new: Sequence[NewAuthorization],
+        profile_name: str,
+        now: datetime.datetime,
+        replaces: str | None,
+    ) -> Order:
         return self.store.create_order(
             account_id=account.id,
             identifiers=[identifier_json(i) for i in checked],
@@ -395,11 +414,15 @@ class AcmeService:
             record = self.runtime.storage.get_certificate(serial)
         except CAError:
             raise problems.malformed("replaces names an unknown certificate") from None
-        held = self.store.valid_authorization_values(account.id, self.clock.now())
-        if record.acme_account_id != account.id and not set(record.names) <= held | {
-            i.value for i in identifiers
-        }:
-            raise problems.unauthorized("this account may not replace that certificate")
+        names = {n.removeprefix("*.") for n in record.names}
+        if record.acme_account_id != account.id:
+            held = self.store.valid_authorization_values(account.id, self.clock.now())
+            if not names <= held:
+                raise problems.unauthorized("this account may not replace that certificate")
+        if not names & {i.value.removeprefix("*.") for i in identifiers}:
+            raise problems.malformed("an order must share an identifier with what it replaces")
+        if self.store.order_replacing(replaces) is not None:
+            raise problems.already_replaced("another order already replaces that certificate")
 
     def order_for(self, account: Account, order_id: str) -> Order:
         order = self.store.order(order_id)
@@ -576,6 +599,11 @@ class AcmeService:
         ordered = {Identifier(i["type"], i["value"]) for i in order.identifiers}
         if requested != ordered:
             raise problems.bad_csr("the CSR must name exactly the order's identifiers")
+        try:
+            # The key policy before the order moves: a refused CSR leaves the order ready.
+            policy.check_public_key(csr_key, self.authority.profiles[order.profile])
+        except CAError as exc:
+            raise problems.bad_csr(exc.detail) from None
         if certs.spki_sha256(csr_key) == _jwk_spki_sha256(account.jwk):
             raise problems.bad_csr("the certificate key must not be the account key")
         # CAA recheck before the serial is touched (BR 3.2.2.8: validation older than 8 hours).
@@ -611,7 +639,16 @@ class AcmeService:
                 _issuance_request(csr_key, ordered, order.profile, account.id, replaces)
             )
         except CAError as exc:
-            transient = exc.kind in (Kind.HSM, Kind.STORAGE, Kind.INTERNAL)
+            # Transient failures and refusals of the request leave the order ready for another
+            # finalize; anything else (a lint refusal: our own fault) makes it invalid.
+            transient = exc.kind in (
+                Kind.HSM,
+                Kind.STORAGE,
+                Kind.INTERNAL,
+                Kind.BAD_CSR,
+                Kind.POLICY,
+                Kind.CONFLICT,
+            )
             problem = problem_for(exc)
             # If even this fails the order stays processing; nothing was released.
             with contextlib.suppress(CAError):

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from flask import Blueprint, Response, request
+from werkzeug.exceptions import HTTPException
 
 from acme import jws, problems
 from acme.problems import AcmeProblem
@@ -125,21 +126,32 @@ def blueprint(runtime: Runtime) -> Blueprint:
         response.headers["Location"] = account_url(error.account_id)
         return response
 
-    @bp.errorhandler(404)
-    def on_not_found(_error: Any) -> Response:
-        return problem_response(problems.not_found("no such resource"))
-
-    @bp.errorhandler(405)
-    def on_method(_error: Any) -> Response:
-        # §6.3: resources are fetched with POST-as-GET; a plain GET is refused.
-        return problem_response(
-            problems.method_not_allowed(
-                "use POST (POST-as-GET for reading, RFC 8555 §6.3)", ["POST"]
+    @bp.app_errorhandler(HTTPException)
+    def on_http_error(error: HTTPException) -> Response | HTTPException:
+        """Routing errors under /acme/ as problem documents. Flask raises these before any
+        blueprint matched, so the handler is app-wide and leaves other paths alone."""
+        if not request.path.startswith("/acme/"):
+            return error
+        if error.code == 404:
+            return problem_response(problems.not_found("no such resource"))
+        if error.code == 405:
+            # §6.3: resources are fetched with POST-as-GET; a plain GET is refused.
+            return problem_response(
+                problems.method_not_allowed(
+                    "use POST (POST-as-GET for reading, RFC 8555 §6.3)",
+                    getattr(error, "valid_methods", None) or ["POST"],
+                )
             )
+        if error.code == 413:
+            return problem_response(problems.payload_too_large("request body is too large"))
+        return problem_response(
+            AcmeProblem("malformed", error.description or "bad request", error.code or 400)
         )
 
     @bp.errorhandler(Exception)
-    def on_unexpected(error: Exception) -> Response:
+    def on_unexpected(error: Exception) -> Response | HTTPException:
+        if isinstance(error, HTTPException):
+            return on_http_error(error)
         log.exception("unexpected error in ACME request %s %s", request.method, request.path)
         return problem_response(problems.server_internal())
 
@@ -176,7 +188,7 @@ def blueprint(runtime: Runtime) -> Blueprint:
         if not service().store.consume_nonce(parsed.nonce):
             raise problems.bad_nonce("JWS anti-replay nonce is invalid, expired or already used")
         if account is not None and account.status != "valid":
-            raise problems.unauthorized(f"account is {account.status}")
+            raise problems.account_deactivated(f"account is {account.status}")
         return parsed, account
 
     def account_json(account: Account) -> dict[str, Any]:

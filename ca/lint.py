@@ -136,9 +136,7 @@ def is_wildcard_name_finding(finding: Finding) -> bool:
 def errors(findings: list[Finding]) -> list[Finding]:
     """Findings of severity ERROR or worse: each of these refuses what was linted."""
     return [
-        f
-        for f in findings
-        if f.severity in ("FATAL", "ERROR") and not is_wildcard_name_finding(f)
+        f for f in findings if f.severity in ("FATAL", "ERROR") and not is_wildcard_name_finding(f)
     ]
 
 

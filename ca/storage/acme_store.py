@@ -618,6 +618,15 @@ class AcmeStore:
                 )
             )
 
+    def order_replacing(self, replaces: str) -> str | None:
+        """The order, not invalid, that already names this ARI certificate id (RFC 9773 §5)."""
+        with self.storage.transaction() as session:
+            return session.scalar(
+                select(AcmeOrder.id)
+                .where(AcmeOrder.replaces == replaces, AcmeOrder.status != "invalid")
+                .limit(1)
+            )
+
     def account_orders(self, account_id: int, limit: int = 1000) -> list[str]:
         """§7.1.2.1: the account's orders; pending and newest first."""
         with self.storage.transaction() as session:

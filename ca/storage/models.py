@@ -15,6 +15,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -184,7 +185,17 @@ class AcmeAccount(Base):
 
 class AcmeOrder(Base):
     __tablename__ = "acme_orders"
-    __table_args__ = (Index("ix_acme_orders_account_created", "account_id", "created_at"),)
+    __table_args__ = (
+        Index("ix_acme_orders_account_created", "account_id", "created_at"),
+        # RFC 9773 §5: one live order per replaced certificate, even under a race.
+        Index(
+            "uq_acme_orders_live_replaces",
+            "replaces",
+            unique=True,
+            sqlite_where=text("replaces IS NOT NULL AND status != 'invalid'"),
+            postgresql_where=text("replaces IS NOT NULL AND status != 'invalid'"),
+        ),
+    )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)  # random, URL-safe
     account_id: Mapped[int] = mapped_column(ForeignKey("acme_accounts.id"))
