@@ -291,7 +291,7 @@ def ceremony_intermediate(
 @with_runtime
 def ceremony_revoke_intermediate(runtime: Runtime, issuer_id: str, reason: str) -> None:
     """Mark an intermediate revoked; the next `ceremony crl` lists it in the root's ARL."""
-    runtime.storage.revoke_issuer(issuer_id, revocation_reason_code(reason), _actor())
+    runtime.storage.revoke_issuer(issuer_id, revocation_reason_code(reason, leaf=False), _actor())
     click.echo(
         f"intermediate {issuer_id} revoked; sign a new root CRL with `certwright ceremony crl`"
     )

@@ -58,6 +58,19 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         # Names the HTTPS listener's own certificate carries (plus https_listen's host).
         "tls_names": ["127.0.0.1"],
     },
+    "crl": {
+        # Leaf CRL shards: nextUpdate this long after thisUpdate (BR 4.9.7: at most 10 days),
+        # re-signed at refresh_hours, and within one job interval of any revocation.
+        "validity_hours": 168,
+        "refresh_hours": 84,
+    },
+    "ocsp": {
+        # "delegated": a responder certificate per issuer (key in the HSM, OCSPSigning EKU,
+        # id-pkix-ocsp-nocheck); "issuer": the issuing CA signs responses itself.
+        "signer": "delegated",
+        "validity_hours": 96,
+        "responder_validity_days": 30,
+    },
     "acme": {
         "http01_port": 80,
         "tlsalpn01_port": 443,
@@ -141,7 +154,7 @@ class Config:
         conf = str(self.get("hsm", "softhsm2_conf"))
         if conf:
             # SoftHSM reads this at C_Initialize; set it before the module is first loaded.
-            os.environ.setdefault("SOFTHSM2_CONF", str(self.resolve_path(conf)))
+            os.environ["SOFTHSM2_CONF"] = str(self.resolve_path(conf))
         return str(self.get("hsm", "module"))
 
     def hsm_pin(self) -> str:

@@ -497,26 +497,33 @@ class CertificateAuthority:
         return record
 
 
-def revocation_reason_code(reason: int | str) -> int:
-    """An RFC 5280 §5.3.1 reason code we accept, from its name or number."""
-    if isinstance(reason, str):
-        if reason.isdigit():
-            reason = int(reason)
-        else:
-            matches = [
-                c for n, c in certs.REVOCATION_REASONS.items() if n.lower() == reason.lower()
-            ]
-            if not matches:
-                raise CAError(
-                    Kind.BAD_REVOCATION_REASON,
-                    f"unknown revocation reason {reason!r}; use one of "
-                    f"{', '.join(certs.REVOCATION_REASONS)}",
-                )
-            return matches[0]
-    if reason not in certs.REASON_NAMES:
+def revocation_reason_code(reason: int | str, *, leaf: bool = True) -> int:
+    """An RFC 5280 §5.3.1 reason code we accept, from its name or number.
+
+    certificateHold (6) and removeFromCRL (8) are never used, 7 is unassigned, and for a leaf
+    certificate cACompromise (2) and aACompromise (10) make no sense (BR 7.2.2).
+    """
+    code: int
+    if isinstance(reason, str) and not reason.isdigit():
+        matches = [c for n, c in certs.REVOCATION_REASONS.items() if n.lower() == reason.lower()]
+        if not matches:
+            raise CAError(
+                Kind.BAD_REVOCATION_REASON,
+                f"unknown revocation reason {reason!r}; use one of "
+                f"{', '.join(certs.REVOCATION_REASONS)}",
+            )
+        code = matches[0]
+    else:
+        code = int(reason)
+    if code not in certs.REASON_NAMES:
         raise CAError(
             Kind.BAD_REVOCATION_REASON,
-            f"revocation reason {reason} is not accepted (certificateHold and removeFromCRL are "
+            f"revocation reason {code} is not accepted (certificateHold and removeFromCRL are "
             "never used; 7 is unassigned)",
         )
-    return reason
+    if leaf and code in (2, 10):
+        raise CAError(
+            Kind.BAD_REVOCATION_REASON,
+            f"{certs.REASON_NAMES[code]} is for CA certificates, not a leaf certificate",
+        )
+    return code

@@ -42,6 +42,16 @@ class Runtime:
 
     @functools.cached_property
     def authority(self) -> CertificateAuthority:
+        from ca import crl, ocsp_signing
+
+        authority = self._authority()
+        self.__dict__["authority"] = authority  # install() below reads it back
+        # Revocations re-sign OCSP at once and mark CRL shards due, in every process.
+        ocsp_signing.install(self)
+        crl.install(self)
+        return authority
+
+    def _authority(self) -> CertificateAuthority:
         return CertificateAuthority(
             self.storage,
             lambda: self.token,

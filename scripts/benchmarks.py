@@ -22,6 +22,7 @@ from ca.issuance import CertificateAuthority, IssuanceRequest
 from ca.policy import Identifier
 from ca.profiles import load_profiles
 from ca.storage import Storage
+from scripts import benchmarks_revocation
 
 
 def _setup(workdir: Path, db_url: str | None) -> tuple[CertificateAuthority, Token]:
@@ -130,9 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     issuance = sub.add_parser("issuance", help="full issuance path vs raw HSM signing")
     issuance.add_argument("--n", type=int, default=2000)
     issuance.add_argument("--db", help="database URL (default: a temporary SQLite file)")
+    benchmarks_revocation.add_parsers(sub)
     args = parser.parse_args(argv)
     if args.bench == "issuance":
         bench_issuance(50 if args.smoke else args.n, args.db)
+    benchmarks_revocation.dispatch(args)
     return 0
 
 

@@ -173,7 +173,13 @@ def run_cli(
     *args: str, env: dict[str, str] | None = None, cwd: Path | None = None, input: str | None = None
 ) -> subprocess.CompletedProcess[str]:
     """Run the real `certwright` console script in a subprocess."""
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("CERTWRIGHT_")}
+    # The session's SoftHSM configuration is the in-process tests'; a CLI subprocess uses the
+    # one its own configuration names unless the caller passes one.
+    full_env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("CERTWRIGHT_") and k != "SOFTHSM2_CONF"
+    }
     full_env.update(env or {})
     return subprocess.run(
         [str(VENV_BIN / "certwright"), *args],

@@ -317,7 +317,7 @@ def test_revoke_unknown_twice_and_bad_reasons(authority: CertificateAuthority) -
     with pytest.raises(CAError) as exc:
         authority.revoke("0a0b0c", "keyCompromise")
     assert exc.value.kind is Kind.NOT_FOUND
-    for reason in ("certificateHold", 6, "removeFromCRL", 8, 7, "bogus"):
+    for reason in ("certificateHold", 6, "removeFromCRL", 8, 7, "bogus", "cACompromise", 2, 10):
         with pytest.raises(CAError) as exc:
             authority.revoke(serial, reason)
         assert exc.value.kind is Kind.BAD_REVOCATION_REASON
