@@ -127,3 +127,86 @@ def register(main: click.Group) -> None:
             write_atomically(base / "ocsp-by-serial" / issuer_id / f"{serial}.der", der)
             count += 1
         click.echo(f"{count} OCSP response(s) written under {base}")
+
+    @main.command()
+    @click.option("--serial", "serials", multiple=True, help="A serial to revoke (repeatable).")
+    @click.option(
+        "--serials-file",
+        type=click.Path(dir_okay=False, exists=True),
+        help="A file of serials, one per line.",
+    )
+    @click.option(
+        "--account", "account_id", type=int, help="Every certificate of this ACME account."
+    )
+    @click.option("--issuer", help="Every certificate this intermediate issued.")
+    @click.option("--key-sha256", help="Every certificate for this public key (SPKI SHA-256, hex).")
+    @click.option("--reason", default="keyCompromise", show_default=True)
+    @click.option("--dry-run", is_flag=True, help="List what would be revoked; change nothing.")
+    @click.option("--json", "as_json", is_flag=True)
+    @with_runtime
+    def incident(
+        runtime: Runtime,
+        serials: tuple[str, ...],
+        serials_file: str | None,
+        account_id: int | None,
+        issuer: str | None,
+        key_sha256: str | None,
+        reason: str,
+        dry_run: bool,
+        as_json: bool,
+    ) -> None:
+        """Revoke many certificates at once: by serial list, ACME account, issuer or key.
+
+        Each revocation re-signs its OCSP response at once and marks its CRL shard due; ARI
+        (RFC 9773) answers a window in the past for every revoked certificate, so ARI-aware
+        clients renew at their next check.
+        """
+        import json
+
+        from ca import certs
+        from ca.cli import _actor
+        from ca.errors import CAError, Kind
+        from ca.issuance import revocation_reason_code
+        from ca.storage import CertificateFilter
+
+        code = revocation_reason_code(reason)
+        wanted = [certs.parse_serial(s) for s in serials]
+        if serials_file:
+            lines = Path(serials_file).read_text().split()
+            wanted += [certs.parse_serial(s) for s in lines if s.strip()]
+        selectors = [
+            CertificateFilter(status="issued", acme_account_id=account_id, limit=10**9)
+            if account_id is not None
+            else None,
+            CertificateFilter(status="issued", issuer=issuer, limit=10**9) if issuer else None,
+            CertificateFilter(status="issued", spki_sha256=key_sha256.lower(), limit=10**9)
+            if key_sha256
+            else None,
+        ]
+        if not wanted and not any(selectors):
+            raise CAError(
+                Kind.BAD_REQUEST,
+                "name what to revoke: --serial, --serials-file, --account, --issuer "
+                "or --key-sha256",
+            )
+        for selector in selectors:
+            if selector is not None:
+                wanted += [r.serial for r in runtime.storage.list_certificates(selector)]
+        targets = sorted(set(wanted))
+        revoked, skipped = [], []
+        for serial in targets:
+            if dry_run:
+                revoked.append(serial)
+                continue
+            try:
+                runtime.authority.revoke(serial, code, f"{_actor()}:incident")
+                revoked.append(serial)
+            except CAError as exc:
+                skipped.append({"serial": serial, "why": exc.detail})
+        if as_json:
+            click.echo(json.dumps({"revoked": revoked, "skipped": skipped, "dry_run": dry_run}))
+            return
+        verb = "would revoke" if dry_run else "revoked"
+        click.echo(f"{verb} {len(revoked)} certificate(s) ({certs.REASON_NAMES[code]})")
+        for item in skipped:
+            click.echo(f"skipped {item['serial']}: {item['why']}")

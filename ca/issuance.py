@@ -302,6 +302,14 @@ class CertificateAuthority:
                 rule="profile.unknown",
             )
         policy.check_public_key(request.public_key, profile)
+        if self.storage.key_compromised(certs.spki_sha256(request.public_key)):
+            # RFC 8555 §7.6 / BR 4.9.1.1: a key once revoked for keyCompromise is never
+            # certified again.
+            raise CAError(
+                Kind.BAD_CSR,
+                "this public key was revoked for keyCompromise and cannot be certified again",
+                rule="key.compromised",
+            )
         identifiers = policy.check_identifiers(request.identifiers, profile)
         validity = policy.check_validity(request.validity, profile)
         return profile, identifiers, validity

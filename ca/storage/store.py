@@ -138,6 +138,8 @@ class CertificateFilter:
     issuer: str | None = None
     owner: str | None = None
     expiring_before: datetime.datetime | None = None
+    acme_account_id: int | None = None
+    spki_sha256: str | None = None
     limit: int = 1000
 
 
@@ -473,6 +475,10 @@ class Storage:
             query = query.where(Certificate.issuer_id == f.issuer)
         if f.owner:
             query = query.where(Certificate.owner == f.owner)
+        if f.acme_account_id is not None:
+            query = query.where(Certificate.acme_account_id == f.acme_account_id)
+        if f.spki_sha256:
+            query = query.where(Certificate.spki_sha256 == f.spki_sha256)
         if f.expiring_before:
             query = query.where(
                 Certificate.not_after <= f.expiring_before,
@@ -496,6 +502,22 @@ class Storage:
         if f.name and "[" in f.name:
             rows = [r for r in rows if any(fnmatch.fnmatch(n, f.name.lower()) for n in r.names)]
         return rows
+
+    def key_compromised(self, spki_sha256: str) -> bool:
+        """True when a certificate for this public key was revoked for keyCompromise."""
+        with self.transaction() as session:
+            return (
+                session.scalar(
+                    select(Certificate.id)
+                    .where(
+                        Certificate.spki_sha256 == spki_sha256,
+                        Certificate.status == "revoked",
+                        Certificate.revocation_reason == 1,
+                    )
+                    .limit(1)
+                )
+                is not None
+            )
 
     def count_certificates(self, status: str | None = None) -> int:
         query = select(func.count()).select_from(Certificate)

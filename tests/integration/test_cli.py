@@ -461,3 +461,46 @@ def test_cli_against_postgres(postgres_url: str, tmp_path: Path) -> None:
     assert json.loads(_ok("show", record["serial"], "--json", env=env))["status"] == "issued"
     _ok("revoke", record["serial"], env=env)
     assert not (data / "certwright.db").exists()  # everything went to PostgreSQL
+
+
+def test_incident_revokes_by_key_and_the_key_is_never_certified_again(
+    demo: dict[str, str], tmp_path: Path
+) -> None:
+    import hashlib
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    spki = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    serials = []
+    for name in ("inc-a.internal", "inc-b.internal"):
+        csr = (
+            x509.CertificateSigningRequestBuilder()
+            .subject_name(x509.Name([]))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+            .sign(key, hashes.SHA256())
+        )
+        path = tmp_path / f"{name}.csr"
+        path.write_bytes(csr.public_bytes(serialization.Encoding.PEM))
+        serials.append(json.loads(_ok("issue", "--csr", str(path), "--json", env=demo))["serial"])
+    digest = hashlib.sha256(spki).hexdigest()
+
+    dry = json.loads(_ok("incident", "--key-sha256", digest, "--dry-run", "--json", env=demo))
+    assert sorted(dry["revoked"]) == sorted(serials) and dry["dry_run"]
+    assert all(
+        json.loads(_ok("show", s, "--json", env=demo))["status"] == "issued" for s in serials
+    )
+
+    done = json.loads(_ok("incident", "--key-sha256", digest, "--json", env=demo))
+    assert sorted(done["revoked"]) == sorted(serials)
+    for serial in serials:
+        shown = json.loads(_ok("show", serial, "--json", env=demo))
+        assert shown["status"] == "revoked" and shown["revocation_reason"] == 1
+    _refused(
+        "issue",
+        "--csr",
+        str(tmp_path / "inc-a.internal.csr"),
+        env=demo,
+        expect="revoked for keyCompromise",
+    )
+    _refused("incident", env=demo, expect="name what to revoke")
