@@ -38,6 +38,15 @@ MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 _RESERVE = insert(Certificate).returning(Certificate.id)
 _ADD_NAMES = insert(CertificateName)
 _ADD_AUDIT = insert(AuditEvent)
+_COMPROMISED = (
+    select(Certificate.id)
+    .where(
+        Certificate.spki_sha256 == bindparam("spki"),
+        Certificate.status == "revoked",
+        Certificate.revocation_reason == 1,
+    )
+    .limit(1)
+)
 _RECORD = (
     update(Certificate)
     .where(Certificate.id == bindparam("certificate_id"), Certificate.status == "pending")
@@ -505,19 +514,8 @@ class Storage:
 
     def key_compromised(self, spki_sha256: str) -> bool:
         """True when a certificate for this public key was revoked for keyCompromise."""
-        with self.transaction() as session:
-            return (
-                session.scalar(
-                    select(Certificate.id)
-                    .where(
-                        Certificate.spki_sha256 == spki_sha256,
-                        Certificate.status == "revoked",
-                        Certificate.revocation_reason == 1,
-                    )
-                    .limit(1)
-                )
-                is not None
-            )
+        with self._core() as connection:
+            return connection.execute(_COMPROMISED, {"spki": spki_sha256}).first() is not None
 
     def count_certificates(self, status: str | None = None) -> int:
         query = select(func.count()).select_from(Certificate)
