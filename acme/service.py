@@ -17,7 +17,7 @@ import hashlib
 import ipaddress
 import logging
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from cryptography import x509
@@ -210,7 +210,7 @@ class AcmeService:
                 "this server requires an external account binding (certwright eab create)"
             )
         self._rate_limit(
-            self.store.count_accounts_from_ip_since(
+            lambda: self.store.count_accounts_from_ip_since(
                 ip, self.clock.now() - datetime.timedelta(hours=1)
             ),
             self.settings.accounts_per_ip_per_hour,
@@ -257,8 +257,12 @@ class AcmeService:
 
     # -- orders (§7.4) ----------------------------------------------------------------------
 
-    def _rate_limit(self, count: int, limit: int, what: str, retry_after: int) -> None:
-        if limit > 0 and count >= limit:
+    def _rate_limit(
+        self, count: Callable[[], int], limit: int, what: str, retry_after: int
+    ) -> None:
+        """Refuse with rateLimited when `count()` reached `limit`; a limit of 0 is off and
+        costs no query."""
+        if limit > 0 and count() >= limit:
             raise problems.rate_limited(
                 f"too many {what} (limit {limit})", retry_after_seconds=retry_after
             )
@@ -335,14 +339,14 @@ class AcmeService:
             self._check_replaces(account, replaces, checked)
         now = self.clock.now()
         self._rate_limit(
-            self.store.count_orders_since(account.id, now - datetime.timedelta(hours=1)),
+            lambda: self.store.count_orders_since(account.id, now - datetime.timedelta(hours=1)),
             self.settings.orders_per_account_per_hour,
             "new orders for this account per hour",
             3600,
         )
         for domain in {registered_domain(i.value) for i in checked if i.type == "dns"}:
             self._rate_limit(
-                self.store.count_certificates_for_domain_since(
+                lambda domain=domain: self.store.count_certificates_for_domain_since(  # type: ignore[misc]
                     domain, now - datetime.timedelta(days=7)
                 ),
                 self.settings.certificates_per_domain_per_week,
@@ -472,7 +476,9 @@ class AcmeService:
             raise problems.malformed("another challenge of this authorization is being validated")
         since = self.clock.now() - datetime.timedelta(hours=1)
         self._rate_limit(
-            self.store.count_failed_validations_since(account.id, authz.identifier_value, since),
+            lambda: self.store.count_failed_validations_since(
+                account.id, authz.identifier_value, since
+            ),
             self.settings.failed_validations_per_account_per_hour,
             f"failed validations for {authz.identifier_value} per hour",
             3600,

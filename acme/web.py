@@ -10,7 +10,6 @@ import contextlib
 import datetime
 import json
 import logging
-import secrets
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -70,9 +69,7 @@ def blueprint(runtime: Runtime) -> Blueprint:
     # -- responses --------------------------------------------------------------------------
 
     def new_nonce() -> str:
-        value = secrets.token_urlsafe(24)
-        service().store.add_nonce(value, _minutes(NONCE_LIFETIME_MINUTES))
-        return value
+        return service().store.new_nonce()
 
     def respond(
         body: Any,
@@ -185,7 +182,7 @@ def blueprint(runtime: Runtime) -> Blueprint:
             assert parsed.jwk is not None
             key = jws.account_key_from_jwk(parsed.jwk)
         jws.verify_signature(parsed, key)
-        if not service().store.consume_nonce(parsed.nonce):
+        if not service().store.consume_nonce(parsed.nonce, _minutes(NONCE_LIFETIME_MINUTES)):
             raise problems.bad_nonce("JWS anti-replay nonce is invalid, expired or already used")
         if account is not None and account.status != "valid":
             raise problems.account_deactivated(f"account is {account.status}")

@@ -7,8 +7,12 @@ one order (two finalize requests at once) cannot both win.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 import datetime
+import hashlib
+import hmac
 import json
 import secrets
 from collections.abc import Sequence
@@ -28,6 +32,7 @@ from ca.storage.models import (
     AcmeOrderAuthorization,
     Certificate,
     CertificateName,
+    Secret,
 )
 from ca.storage.store import Storage, rowcount
 
@@ -140,25 +145,77 @@ class AcmeStore:
     def __init__(self, storage: Storage) -> None:
         self.storage = storage
         self.clock = storage.clock
+        self._key: bytes | None = None
 
     # -- nonces (§6.5) ----------------------------------------------------------------------
+    #
+    # A nonce is base64url(time || 12 random octets || MAC(time || random)): issuing one writes
+    # nothing; redeeming one checks MAC and age, then records it as used (a primary key, so a
+    # nonce is good once across every process). That is one database write per request.
 
-    def add_nonce(self, value: str, lifetime: datetime.timedelta) -> None:
-        with self.storage.transaction() as session:
-            session.add(AcmeNonce(value=value, expires_at=self.clock.now() + lifetime))
+    _NONCE_TIME = 8
+    _NONCE_RANDOM = 12
+    _NONCE_MAC = 16
 
-    def consume_nonce(self, value: str) -> bool:
-        """True exactly once for a nonce some server process issued and that is unexpired."""
+    def _nonce_key(self) -> bytes:
+        if self._key is None:
+            self._key = self.secret("acme-nonce-mac")
+        return self._key
+
+    def secret(self, name: str) -> bytes:
+        """A 32-byte secret shared by every process, created by whichever asks first."""
         with self.storage.transaction() as session:
-            result = session.execute(
-                delete(AcmeNonce).where(
-                    AcmeNonce.value == value, AcmeNonce.expires_at > self.clock.now()
+            row = session.get(Secret, name)
+            if row is not None:
+                return row.value
+        try:
+            with self.storage.transaction() as session:
+                session.add(
+                    Secret(name=name, value=secrets.token_bytes(32), created_at=self.clock.now())
                 )
-            )
-            return rowcount(result) == 1
+        except CAError as exc:
+            if exc.kind is not Kind.CONFLICT:
+                raise  # a CONFLICT means another process made it first: read theirs
+        with self.storage.transaction() as session:
+            return session.get_one(Secret, name).value
+
+    def new_nonce(self) -> str:
+        stamp = int(self.clock.now().timestamp()).to_bytes(self._NONCE_TIME, "big")
+        body = stamp + secrets.token_bytes(self._NONCE_RANDOM)
+        mac = hmac.new(self._nonce_key(), body, hashlib.sha256).digest()[: self._NONCE_MAC]
+        return base64.urlsafe_b64encode(body + mac).decode().rstrip("=")
+
+    def consume_nonce(self, value: str, lifetime: datetime.timedelta) -> bool:
+        """True exactly once for a nonce this CA issued within `lifetime`."""
+        size = self._NONCE_TIME + self._NONCE_RANDOM + self._NONCE_MAC
+        try:
+            raw = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+        except (ValueError, binascii.Error):
+            return False
+        if len(raw) != size:
+            return False
+        body, mac = raw[: -self._NONCE_MAC], raw[-self._NONCE_MAC :]
+        expected = hmac.new(self._nonce_key(), body, hashlib.sha256).digest()[: self._NONCE_MAC]
+        if not hmac.compare_digest(mac, expected):
+            return False
+        issued = datetime.datetime.fromtimestamp(
+            int.from_bytes(body[: self._NONCE_TIME], "big"), datetime.UTC
+        )
+        now = self.clock.now()
+        if not now - lifetime <= issued <= now + datetime.timedelta(minutes=1):
+            return False
+        try:
+            with self.storage.transaction(durable=False) as session:
+                session.add(AcmeNonce(value=value, expires_at=issued + lifetime))
+        except CAError as exc:
+            if exc.kind is Kind.CONFLICT:
+                return False  # already used
+            raise
+        return True
 
     def purge_nonces(self) -> int:
-        with self.storage.transaction() as session:
+        """Forget used nonces that would be refused as expired anyway."""
+        with self.storage.transaction(durable=False) as session:
             result = session.execute(
                 delete(AcmeNonce).where(AcmeNonce.expires_at <= self.clock.now())
             )
@@ -361,7 +418,7 @@ class AcmeStore:
         """An order with its authorizations (reused ones plus new pending ones), atomically."""
         now = self.clock.now()
         order_id = new_id()
-        with self.storage.transaction() as session:
+        with self.storage.transaction(durable=False) as session:
             authz_ids = list(reused)
             for spec in new:
                 authz_id = new_id()
@@ -482,7 +539,7 @@ class AcmeStore:
 
     def start_challenge(self, challenge_id: str) -> bool:
         """pending → processing, once (§7.5.1: a repeated POST changes nothing)."""
-        with self.storage.transaction() as session:
+        with self.storage.transaction(durable=False) as session:
             result = session.execute(
                 update(AcmeChallenge)
                 .where(AcmeChallenge.id == challenge_id, AcmeChallenge.status == "pending")
@@ -505,7 +562,7 @@ class AcmeStore:
         authorization is valid becomes ready.
         """
         now = self.clock.now()
-        with self.storage.transaction() as session:
+        with self.storage.transaction(durable=False) as session:
             result = session.execute(
                 update(AcmeChallenge)
                 .where(AcmeChallenge.id == challenge_id, AcmeChallenge.status == "processing")
@@ -561,7 +618,7 @@ class AcmeStore:
 
     def deactivate_authorization(self, authz_id: str) -> bool:
         """§7.5.2: a pending or valid authorization may be deactivated by its account."""
-        with self.storage.transaction() as session:
+        with self.storage.transaction(durable=False) as session:
             result = session.execute(
                 update(AcmeAuthorization)
                 .where(
@@ -585,7 +642,7 @@ class AcmeStore:
 
     def begin_finalize(self, order_id: str) -> bool:
         """ready → processing, exactly once: of two finalize requests only one proceeds."""
-        with self.storage.transaction() as session:
+        with self.storage.transaction(durable=False) as session:
             result = session.execute(
                 update(AcmeOrder)
                 .where(
@@ -598,7 +655,7 @@ class AcmeStore:
             return rowcount(result) == 1
 
     def complete_order(self, order_id: str, serial: str) -> None:
-        with self.storage.transaction() as session:
+        with self.storage.transaction(durable=False) as session:
             session.execute(
                 update(AcmeOrder)
                 .where(AcmeOrder.id == order_id, AcmeOrder.status == "processing")
@@ -608,7 +665,7 @@ class AcmeStore:
     def fail_order(self, order_id: str, error: dict[str, Any], *, back_to_ready: bool) -> None:
         """A finalize that failed: invalid with its error, or (for a transient failure such
         as the HSM or database being down) ready again so the client may retry."""
-        with self.storage.transaction() as session:
+        with self.storage.transaction(durable=False) as session:
             session.execute(
                 update(AcmeOrder)
                 .where(AcmeOrder.id == order_id, AcmeOrder.status == "processing")

@@ -158,12 +158,25 @@ class AuditEvent(Base):
 
 
 class AcmeNonce(Base):
-    """An unused Replay-Nonce (§6.5), shared by every server process; consumed by DELETE."""
+    """A Replay-Nonce (§6.5) that has been used. Nonces are issued without touching the
+    database (they carry their own MAC and time); redeeming one inserts it here, and the
+    primary key makes a second redemption fail in every server process. Rows go once the
+    nonce would have expired anyway."""
 
     __tablename__ = "acme_nonces"
 
     value: Mapped[str] = mapped_column(String(64), primary_key=True)
     expires_at: Mapped[datetime.datetime] = mapped_column(UTCDateTime(), index=True)
+
+
+class Secret(Base):
+    """A server-side secret shared by every process, made on first use (the nonce MAC key)."""
+
+    __tablename__ = "secrets"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime.datetime] = mapped_column(UTCDateTime())
 
 
 class AcmeAccount(Base):

@@ -22,6 +22,7 @@ from sqlalchemy import (
     func,
     insert,
     select,
+    text,
     update,
 )
 from sqlalchemy.engine import make_url
@@ -205,6 +206,13 @@ def normalize_database_url(url: str) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
+def _sqlite_relaxed_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    _sqlite_pragmas(dbapi_connection, _record)
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     # WAL lets readers proceed while one writer commits; synchronous=FULL keeps a committed
@@ -234,17 +242,34 @@ class Storage:
             self.engine: Engine = create_engine(self.url, **kwargs)
         except (SQLAlchemyError, ImportError, ValueError) as exc:
             raise CAError(Kind.CONFIG, f"cannot use database URL: {exc}") from None
+        # Commits that need not wait for the disk (see `transaction(durable=False)`). SQLite
+        # cannot change its safety level inside a transaction, so those get their own engine,
+        # whose connections run with synchronous=NORMAL.
+        self._relaxed_engine = self.engine
         if self.dialect == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
+            self._relaxed_engine = create_engine(self.url, **kwargs)
+            event.listen(self._relaxed_engine, "connect", _sqlite_relaxed_pragmas)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._relaxed_sessions = sessionmaker(self._relaxed_engine, expire_on_commit=False)
 
     def dispose(self) -> None:
         self.engine.dispose()
+        self._relaxed_engine.dispose()
 
     @contextmanager
-    def transaction(self) -> Iterator[Session]:
-        """One unit of work; database failures become CAError(STORAGE) with a safe detail."""
-        with _database_errors(), self._sessions() as session, session.begin():
+    def transaction(self, *, durable: bool = True) -> Iterator[Session]:
+        """One unit of work; database failures become CAError(STORAGE) with a safe detail.
+
+        `durable=False` commits without waiting for the write-ahead log to reach the disk: for
+        state whose loss in a power failure costs a client a retry, never a certificate or a
+        revocation (ACME nonces, orders, challenges). SQLite's WAL and PostgreSQL's WAL are
+        written in order, so the next durable commit makes every earlier one durable too.
+        """
+        factory = self._sessions if durable else self._relaxed_sessions
+        with _database_errors(), factory() as session, session.begin():
+            if not durable and self.dialect == "postgresql":
+                session.execute(text("SET LOCAL synchronous_commit TO OFF"))
             yield session
 
     @contextmanager
@@ -257,19 +282,11 @@ class Storage:
         order, so flushing a later commit flushes every earlier one). A power loss in between
         can lose the reservation only together with a certificate that was never released.
         """
-        with _database_errors(), self.engine.connect() as connection:
-            if not flush_log and self.dialect == "sqlite":
-                connection.exec_driver_sql("PRAGMA synchronous=NORMAL")
-                connection.commit()  # end SQLAlchemy's autobegun transaction around the pragma
-            try:
-                with connection.begin():
-                    if not flush_log and self.dialect == "postgresql":
-                        connection.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
-                    yield connection
-            finally:
-                if not flush_log and self.dialect == "sqlite":
-                    connection.exec_driver_sql("PRAGMA synchronous=FULL")
-                    connection.commit()
+        engine = self.engine if flush_log else self._relaxed_engine
+        with _database_errors(), engine.begin() as connection:
+            if not flush_log and self.dialect == "postgresql":
+                connection.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
+            yield connection
 
     # -- schema -----------------------------------------------------------------------------
 
