@@ -22,7 +22,7 @@ from ca.issuance import CertificateAuthority, IssuanceRequest
 from ca.policy import Identifier
 from ca.profiles import load_profiles
 from ca.storage import Storage
-from scripts import benchmarks_revocation
+from scripts import benchmarks_acme, benchmarks_revocation
 
 
 def _setup(workdir: Path, db_url: str | None) -> tuple[CertificateAuthority, Token]:
@@ -132,10 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     issuance.add_argument("--n", type=int, default=2000)
     issuance.add_argument("--db", help="database URL (default: a temporary SQLite file)")
     benchmarks_revocation.add_parsers(sub)
+    benchmarks_acme.add_parser(sub)
     args = parser.parse_args(argv)
     if args.bench == "issuance":
         bench_issuance(50 if args.smoke else args.n, args.db)
     benchmarks_revocation.dispatch(args)
+    benchmarks_acme.dispatch(args)
     return 0
 
 

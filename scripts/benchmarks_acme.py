@@ -1,0 +1,520 @@
+"""`scripts/bench acme`: N concurrent ACME clients doing whole certificate cycles, vs Pebble.
+
+Each client is a small RFC 8555 client written here (flattened JWS with ES256, RFC 7638
+thumbprints, http.client over TLS that trusts only the server's root). One cycle is what a real
+client does for one certificate: newOrder → fetch the authorization → answer its http-01
+challenge → finalize with a fresh P-256 CSR → poll while `processing` → download the chain; the
+server validates for real, connecting to one shared threaded HTTP responder on its http-01
+port. Accounts are made before the clock starts. The same load runs against `certwright serve`
+and against Pebble (PEBBLE_VA_NOSLEEP=1) in the same run, on the same machine.
+
+Clients honour Retry-After and otherwise poll every --poll seconds. Each downloaded chain is
+checked (names, leaf signed by the first intermediate); a wrong one counts as a failure. The
+figures are printed; nothing about time is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import dataclasses
+import hashlib
+import http.client
+import http.server
+import json
+import ssl
+import statistics
+import tempfile
+import threading
+import time
+import urllib.parse
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+from cryptography.x509.oid import NameOID
+
+from tests.integration.acme_harness import (
+    LOOPBACK,
+    AcmeServer,
+    certwright_server,
+    challtestsrv,
+    pebble_server,
+)
+
+ERROR_PREFIX = "urn:ietf:params:acme:error:"
+# A server that leaves a request unanswered this long has stopped (Debian's Pebble 2.4 stops
+# answering altogether with ~32 concurrent clients); the run of that server ends there.
+REQUEST_TIMEOUT = 30.0
+PHASES = ("newOrder", "authorization", "challenge", "finalize", "download")
+CHALLENGE_PATH = "/.well-known/acme-challenge/"
+# certwright's per-account, per-domain and per-IP limits would cap a benchmark, not the server.
+NO_RATE_LIMITS = {
+    "CERTWRIGHT_ACME__ORDERS_PER_ACCOUNT_PER_HOUR": "0",
+    "CERTWRIGHT_ACME__CERTIFICATES_PER_DOMAIN_PER_WEEK": "0",
+    "CERTWRIGHT_ACME__FAILED_VALIDATIONS_PER_ACCOUNT_PER_HOUR": "0",
+    "CERTWRIGHT_ACME__ACCOUNTS_PER_IP_PER_HOUR": "0",
+}
+
+
+def b64url(data: bytes) -> str:
+    """base64url without padding (RFC 8555 §6.1, RFC 7515 §2)."""
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+class AcmeProblem(Exception):
+    """An RFC 7807 problem document the server answered with."""
+
+    def __init__(self, status: int, problem: dict[str, Any]) -> None:
+        self.status = status
+        self.type = str(problem.get("type", ""))
+        super().__init__(f"{status} {self.type}: {problem.get('detail', '')}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Reply:
+    status: int
+    headers: dict[str, str]  # lower-cased names
+    body: bytes
+
+    def json(self) -> dict[str, Any]:
+        document: dict[str, Any] = json.loads(self.body)
+        return document
+
+    @property
+    def retry_after(self) -> float | None:
+        value = self.headers.get("retry-after")
+        if value is None:
+            return None
+        try:
+            return max(0.0, float(value))
+        except ValueError:
+            return None  # an HTTP-date: treated as absent, the client polls at its own pace
+
+
+# -- the http-01 responder -----------------------------------------------------------------------
+
+
+class ChallengeResponder:
+    """One threaded HTTP server answering every client's http-01 key authorizations (§8.3)."""
+
+    def __init__(self, port: int) -> None:
+        self._answers: dict[str, str] = {}
+        self._lock = threading.Lock()
+        answers, lock = self._answers, self._lock
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                token = self.path.removeprefix(CHALLENGE_PATH)
+                with lock:
+                    body = answers.get(token) if self.path.startswith(CHALLENGE_PATH) else None
+                if body is None:
+                    self.send_error(404)
+                    return
+                data = body.encode("ascii")
+                self.send_response(200)
+                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass  # one line per validation would drown the figures
+
+        class Server(http.server.ThreadingHTTPServer):
+            # The default backlog of 5 dropped SYNs under concurrent validations, each drop
+            # costing the validator a 1 s retransmit (DESIGN.md §6).
+            request_queue_size = 1024
+            daemon_threads = True
+
+        self._server = Server((LOOPBACK, port), Handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def __enter__(self) -> ChallengeResponder:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()
+
+    def add(self, token: str, key_authorization: str) -> None:
+        with self._lock:
+            self._answers[token] = key_authorization
+
+    def remove(self, token: str) -> None:
+        with self._lock:
+            self._answers.pop(token, None)
+
+
+# -- the client ----------------------------------------------------------------------------------
+
+
+class AcmeClient:
+    """One account on one ACME server, used by one thread at a time."""
+
+    def __init__(
+        self,
+        directory_url: str,
+        context: ssl.SSLContext,
+        responder: ChallengeResponder,
+        poll: float,
+    ) -> None:
+        parsed = urllib.parse.urlsplit(directory_url)
+        assert parsed.hostname and parsed.port
+        self._connection = http.client.HTTPSConnection(
+            parsed.hostname, parsed.port, context=context, timeout=REQUEST_TIMEOUT
+        )
+        self._responder = responder
+        self._poll = poll
+        self._key = ec.generate_private_key(ec.SECP256R1())
+        numbers = self._key.public_key().public_numbers()
+        # RFC 7638 §3.2: the required members only, in lexicographic order, no whitespace.
+        self._jwk = {
+            "crv": "P-256",
+            "kty": "EC",
+            "x": b64url(numbers.x.to_bytes(32, "big")),
+            "y": b64url(numbers.y.to_bytes(32, "big")),
+        }
+        canonical = json.dumps(self._jwk, sort_keys=True, separators=(",", ":")).encode()
+        self._thumbprint = b64url(hashlib.sha256(canonical).digest())
+        self._kid: str | None = None
+        self._nonce: str | None = None
+        self.slept = 0.0  # seconds spent waiting as the server or --poll asked
+        self.phases: dict[str, float] = dict.fromkeys(PHASES, 0.0)  # seconds per cycle step
+        self.directory = self._request("GET", directory_url).json()
+
+    def close(self) -> None:
+        self._connection.close()
+
+    def _request(
+        self, method: str, url: str, body: bytes | None = None, content_type: str | None = None
+    ) -> Reply:
+        headers = {"Content-Type": content_type} if content_type else {}
+        path = urllib.parse.urlsplit(url)
+        target = path.path + (f"?{path.query}" if path.query else "")
+        for attempt in (1, 2):
+            try:
+                self._connection.request(method, target, body=body, headers=headers)
+                response = self._connection.getresponse()
+                data = response.read()
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                # A keep-alive connection the server closed while idle: reconnect once. A
+                # request the server did process answers badNonce on replay, never twice.
+                self._connection.close()
+                if attempt == 2:
+                    raise
+                continue
+            except (OSError, http.client.HTTPException):
+                self._connection.close()  # a timeout leaves it mid-request: start afresh
+                raise
+            return Reply(response.status, {k.lower(): v for k, v in response.getheaders()}, data)
+        raise AssertionError("unreachable")
+
+    def _fresh_nonce(self) -> str:
+        reply = self._request("HEAD", self.directory["newNonce"])
+        return reply.headers["replay-nonce"]
+
+    def _sign(self, url: str, payload: dict[str, Any] | None) -> bytes:
+        """A flattened JWS (§6.2): ES256 over the protected header and payload; jwk only for
+        newAccount, kid afterwards (§6.2); the empty payload is POST-as-GET (§6.3)."""
+        protected: dict[str, Any] = {
+            "alg": "ES256",
+            "nonce": self._nonce or self._fresh_nonce(),
+            "url": url,
+        }
+        self._nonce = None
+        if self._kid is None:
+            protected["jwk"] = self._jwk
+        else:
+            protected["kid"] = self._kid
+        encoded_protected = b64url(json.dumps(protected).encode())
+        encoded_payload = "" if payload is None else b64url(json.dumps(payload).encode())
+        der = self._key.sign(
+            f"{encoded_protected}.{encoded_payload}".encode("ascii"), ec.ECDSA(hashes.SHA256())
+        )
+        r, s = decode_dss_signature(der)
+        signature = r.to_bytes(32, "big") + s.to_bytes(32, "big")  # RFC 7518 §3.4
+        return json.dumps(
+            {
+                "protected": encoded_protected,
+                "payload": encoded_payload,
+                "signature": b64url(signature),
+            }
+        ).encode()
+
+    def post(self, url: str, payload: dict[str, Any] | None) -> Reply:
+        for attempt in range(3):
+            reply = self._request("POST", url, self._sign(url, payload), "application/jose+json")
+            self._nonce = reply.headers.get("replay-nonce")
+            if reply.status < 400:
+                return reply
+            try:
+                problem = reply.json()
+            except ValueError:
+                problem = {"detail": reply.body[:200].decode(errors="replace")}
+            if problem.get("type") == ERROR_PREFIX + "badNonce" and attempt < 2:
+                continue  # §6.5: retry with the fresh nonce the error carried
+            raise AcmeProblem(reply.status, problem)
+        raise AssertionError("unreachable")
+
+    def _wait(self, reply: Reply) -> None:
+        delay = reply.retry_after if reply.retry_after is not None else self._poll
+        self.slept += delay
+        time.sleep(delay)
+
+    def register(self) -> None:
+        reply = self.post(
+            self.directory["newAccount"],
+            {"termsOfServiceAgreed": True, "contact": ["mailto:bench@certwright.test"]},
+        )
+        self._kid = reply.headers["location"]
+
+    def _poll_until(self, url: str, first: Reply, done: Callable[[str], bool]) -> dict[str, Any]:
+        reply = first
+        while True:
+            document = reply.json()
+            status = str(document.get("status"))
+            if done(status):
+                return document
+            if status == "invalid":
+                raise AcmeProblem(reply.status, document.get("error") or {"detail": str(document)})
+            self._wait(reply)
+            reply = self.post(url, None)
+
+    @contextlib.contextmanager
+    def _phase(self, phase: str) -> Iterator[None]:
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phases[phase] += time.perf_counter() - began
+
+    def obtain(self, name: str) -> list[x509.Certificate]:
+        """One certificate for `name`, the whole cycle (§7.4), http-01 for every authorization."""
+        with self._phase("newOrder"):
+            reply = self.post(
+                self.directory["newOrder"], {"identifiers": [{"type": "dns", "value": name}]}
+            )
+        order_url = reply.headers["location"]
+        order = reply.json()
+        for authz_url in order["authorizations"]:
+            with self._phase("authorization"):
+                authz = self.post(authz_url, None).json()
+            if authz["status"] == "valid":
+                continue
+            challenge = next(c for c in authz["challenges"] if c["type"] == "http-01")
+            token = challenge["token"]
+            self._responder.add(token, f"{token}.{self._thumbprint}")  # §8.1
+            try:
+                with self._phase("challenge"):
+                    answered = self.post(challenge["url"], {})
+                    if answered.json().get("status") != "valid":
+                        self._wait(answered)
+                        self._poll_until(
+                            authz_url, self.post(authz_url, None), lambda s: s == "valid"
+                        )
+            finally:
+                self._responder.remove(token)
+        key = ec.generate_private_key(ec.SECP256R1())
+        csr = (
+            x509.CertificateSigningRequestBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+            .sign(key, hashes.SHA256())
+        )
+        with self._phase("finalize"):
+            finalized = self.post(
+                order["finalize"], {"csr": b64url(csr.public_bytes(serialization.Encoding.DER))}
+            )
+            order = self._poll_until(order_url, finalized, lambda s: s == "valid")
+        with self._phase("download"):
+            chain = self.post(order["certificate"], None)
+        certificates = x509.load_pem_x509_certificates(chain.body)
+        check_chain(certificates, name, key.public_key())
+        return certificates
+
+
+def check_chain(
+    certificates: list[x509.Certificate], name: str, public_key: ec.EllipticCurvePublicKey
+) -> None:
+    if len(certificates) < 2:
+        raise ValueError(f"{name}: {len(certificates)} certificate(s), no chain")
+    leaf = certificates[0]
+    san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    if san.get_values_for_type(x509.DNSName) != [name]:
+        raise ValueError(f"{name}: the certificate names {san}")
+    if leaf.public_key() != public_key:
+        raise ValueError(f"{name}: the certificate carries another key")
+    leaf.verify_directly_issued_by(certificates[1])
+
+
+# -- the load ------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class LoadResult:
+    label: str
+    certificates: int
+    seconds: float
+    latencies: list[float]
+    failures: list[str]
+    slept: float
+    phases: dict[str, float]  # seconds per step, summed over every client
+    stalled: bool = False  # a request went unanswered for REQUEST_TIMEOUT: the run was cut short
+
+    def summary(self) -> str:
+        ok = len(self.latencies)
+        rate = ok / self.seconds if self.seconds else 0.0
+        if ok >= 2:
+            cuts = statistics.quantiles(self.latencies, n=100, method="inclusive")
+            p50, p99 = cuts[49], cuts[98]
+        else:
+            p50 = p99 = self.latencies[0] if ok else float("nan")
+        return (
+            f"  {self.label:24} {rate:8.1f} certificates/s  p50 {p50 * 1000:7.0f} ms"
+            f"  p99 {p99 * 1000:7.0f} ms  ({ok}/{self.certificates} in {self.seconds:.1f} s,"
+            f" {len(self.failures)} failed, {self.slept:.1f} s client-side waits)"
+            + (
+                f"\n    STALLED: a request went unanswered for {REQUEST_TIMEOUT:.0f} s; cut short"
+                if self.stalled
+                else ""
+            )
+        )
+
+    def phase_breakdown(self) -> str:
+        cycles = max(1, len(self.latencies) + len(self.failures))
+        return "    mean per certificate: " + ", ".join(
+            f"{phase} {seconds * 1000 / cycles:.0f} ms" for phase, seconds in self.phases.items()
+        )
+
+    @property
+    def rate(self) -> float:
+        return len(self.latencies) / self.seconds if self.seconds else 0.0
+
+
+def run_load(
+    server: AcmeServer, label: str, clients: int, certificates: int, poll: float
+) -> LoadResult:
+    context = ssl.create_default_context(cafile=str(server.tls_trust))
+    with ChallengeResponder(server.http01_port) as responder:
+        pool = [AcmeClient(server.directory_url, context, responder, poll) for _ in range(clients)]
+        try:
+            for client in pool:
+                client.register()
+            return _drive(pool, label, certificates)
+        finally:
+            for client in pool:
+                client.close()
+
+
+def _drive(pool: list[AcmeClient], label: str, certificates: int) -> LoadResult:
+    lock = threading.Lock()
+    next_index = iter(range(certificates))
+    latencies: list[float] = []
+    failures: list[str] = []
+    run_id = uuid.uuid4().hex[:8]
+    start = threading.Barrier(len(pool) + 1)
+    stalled = threading.Event()
+
+    def work(client: AcmeClient) -> None:
+        start.wait()
+        while not stalled.is_set():
+            with lock:
+                index = next(next_index, None)
+            if index is None:
+                return
+            # A registered domain per certificate: no shared authorization, no per-domain limit.
+            name = f"www.b{run_id}-{index}.test"
+            began = time.perf_counter()
+            try:
+                client.obtain(name)
+            except Exception as error:  # counted and shown, never hidden
+                if isinstance(error, TimeoutError):
+                    stalled.set()
+                with lock:
+                    failures.append(f"{name}: {type(error).__name__}: {error}")
+                continue
+            elapsed = time.perf_counter() - began
+            with lock:
+                latencies.append(elapsed)
+
+    threads = [threading.Thread(target=work, args=(c,), daemon=True) for c in pool]
+    for thread in threads:
+        thread.start()
+    start.wait()
+    began = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    seconds = time.perf_counter() - began
+    phases = {phase: sum(c.phases[phase] for c in pool) for phase in PHASES}
+    slept = sum(c.slept for c in pool)
+    return LoadResult(
+        label, certificates, seconds, latencies, failures, slept, phases, stalled.is_set()
+    )
+
+
+def bench_acme(clients: int, certificates: int, workers: int, poll: float) -> None:
+    print(
+        f"acme benchmark: {clients} concurrent clients, {certificates} certificates per server,"
+        f" one name each, http-01 validated for real, chains checked"
+    )
+    results: list[LoadResult] = []
+    with (
+        tempfile.TemporaryDirectory(prefix="certwright-bench-acme-") as tmp,
+        challtestsrv(Path(tmp) / "dns") as dns,
+    ):
+        rigs: tuple[tuple[str, Callable[[], contextlib.AbstractContextManager[AcmeServer]]], ...]
+        rigs = (
+            (
+                f"certwright ({workers} workers)",
+                lambda: certwright_server(
+                    Path(tmp) / "certwright", dns, workers=workers, extra_env=NO_RATE_LIMITS
+                ),
+            ),
+            ("pebble", lambda: pebble_server(Path(tmp) / "pebble", dns)),
+        )
+        for label, rig in rigs:
+            with rig() as server:
+                result = run_load(server, label, clients, certificates, poll)
+            results.append(result)
+            print(result.summary())
+            print(result.phase_breakdown(), flush=True)
+            for failure in result.failures[:5]:
+                print(f"    failed: {failure}")
+    ours, theirs = results
+    if theirs.rate:
+        caveat = (
+            "  (not comparable: a run had failures)" if ours.failures or theirs.failures else ""
+        )
+        print(f"  certwright / pebble: {ours.rate / theirs.rate:.2f}x{caveat}")
+
+
+def add_parser(sub: Any) -> None:
+    """The `acme` subcommand of scripts/bench."""
+    parser = sub.add_parser("acme", help="N concurrent ACME clients: certwright vs Pebble")
+    parser.add_argument("--clients", type=int, default=16, help="concurrent clients")
+    parser.add_argument("--certs", type=int, default=400, help="certificates per server")
+    parser.add_argument("--workers", type=int, default=2, help="certwright serve workers")
+    parser.add_argument(
+        "--poll", type=float, default=0.1, help="seconds between polls without Retry-After"
+    )
+    # Also accepted after the subcommand; `scripts/bench --smoke acme` works as for the others.
+    parser.add_argument(
+        "--smoke", dest="acme_smoke", action="store_true", help="2 clients, 6 certs"
+    )
+
+
+def dispatch(args: argparse.Namespace) -> None:
+    if args.bench == "acme":
+        if args.smoke or args.acme_smoke:
+            bench_acme(2, 6, args.workers, args.poll)
+        else:
+            bench_acme(args.clients, args.certs, args.workers, args.poll)
