@@ -252,12 +252,17 @@ def _chain_validators() -> tuple[Any, Any, Any]:
     return decoders, issuer, subject
 
 
+@functools.cache
+def _loader(loader_cls_name: str) -> Any:
+    from pkilint import loader
+
+    return getattr(loader, loader_cls_name)()
+
+
 def _load(
     loader_cls_name: str, der: bytes, name: str, collection: dict[str, Any] | None = None
 ) -> Any:
-    from pkilint import loader
-
-    loader_obj = getattr(loader, loader_cls_name)()
+    loader_obj = _loader(loader_cls_name)
     try:
         if collection is None:
             return loader_obj.load_der_document(der, name)
