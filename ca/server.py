@@ -3,20 +3,22 @@
 - HTTPS listener (this process): gunicorn, ACME (RFC 8555 §6.1 requires HTTPS). Its
   certificate is issued by our own intermediate and renewed by the jobs process; each worker
   reloads it when the file changes, so renewal needs no restart.
-- HTTP listener (a child process): gunicorn, OCSP, CRLs, issuer certificates, /healthz.
+- HTTP listener (a child process): gunicorn, OCSP, CRLs, issuer certificates, /healthz; on
+  gunicorn's asyncio worker with keep-alive (`WsgiOverAsgi`), OCSP not access-logged.
 - Jobs (a child process): periodic work — the server certificate's renewal and every task
   registered in the `certwright.jobs` entry point group (CRL and OCSP refresh, ACME upkeep).
 
-gunicorn `sync` workers: they beat `gthread` on these CPU-bound handlers, and each worker is
-one process with its own PKCS#11 session, opened after the fork (DESIGN.md §6). For that
-reason no process here touches the HSM before gunicorn forks: the server certificate is made
-in a spawned child.
+gunicorn `sync` workers (HTTPS): they beat `gthread` on these CPU-bound handlers. Each worker
+(on either listener) is one process with its own PKCS#11 session, opened after the fork
+(DESIGN.md §6). For that reason no process here touches the HSM before gunicorn forks: the
+server certificate is made in a spawned child.
 """
 
 from __future__ import annotations
 
 import datetime
 import importlib.metadata
+import io
 import logging
 import multiprocessing
 import os
@@ -33,6 +35,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from gunicorn.app.base import BaseApplication  # type: ignore[import-untyped]
+from gunicorn.glogging import Logger  # type: ignore[import-untyped]
+from gunicorn.workers import SUPPORTED_WORKERS  # type: ignore[import-untyped]
 
 from ca.config import Config
 from ca.errors import CAError, Kind
@@ -43,6 +47,7 @@ from ca.runtime import Runtime
 log = logging.getLogger("certwright.server")
 JOBS_GROUP = "certwright.jobs"
 JOB_INTERVAL_SECONDS = 30.0
+ASGI_WORKER = "asgi" in SUPPORTED_WORKERS  # gunicorn >= 25
 
 
 class _Application(BaseApplication):  # type: ignore[misc]  # gunicorn ships no type hints
@@ -72,11 +77,117 @@ class _Application(BaseApplication):  # type: ignore[misc]  # gunicorn ships no 
                 runtime.authority.warm_up()  # the first certificate should not pay for it
             except CAError as exc:
                 log.warning("warm-up failed (%s); serving anyway, /healthz says why", exc.detail)
+        if self._options.get("worker_class") == "asgi":
+            return WsgiOverAsgi(app)
         return app
 
 
-def _gunicorn_options(listen: str, workers: int) -> dict[str, Any]:
-    return {
+class WsgiOverAsgi:
+    """A WSGI app served by gunicorn's asyncio worker (`asgi`, gunicorn >= 25), for the HTTP
+    listener: its parsing and keep-alive cost a third of the sync and gthread workers' per
+    request, which is most of what a pre-signed OCSP answer costs. The WSGI app runs in the
+    event loop's one thread, one request at a time per process, as in a sync worker (so its
+    PKCS#11 session is never shared between threads, DESIGN.md §6); reading a request body and
+    writing a response never block it."""
+
+    max_body = 1 << 20  # the HTTP listener takes OCSP requests (< 4 KiB) and no uploads
+
+    def __init__(self, app: Callable[..., Any]) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        if scope["type"] != "http":
+            return  # no WebSocket here: gunicorn refuses the upgrade
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > self.max_body:
+                await send({"type": "http.response.start", "status": 413, "headers": []})
+                await send({"type": "http.response.body", "body": b""})
+                return
+        started: list[Any] = []
+        parts: list[bytes] = []
+
+        def start_response(
+            status: str, headers: list[tuple[str, str]], exc_info: Any = None
+        ) -> Callable[[bytes], Any]:
+            if exc_info is not None and started:
+                raise exc_info[1].with_traceback(exc_info[2])
+            started[:] = [status, headers]
+            return parts.append
+
+        result = self.app(wsgi_environ(scope, b"".join(chunks)), start_response)
+        try:
+            parts.extend(part for part in result if part)
+        finally:
+            close = getattr(result, "close", None)
+            if close is not None:
+                close()
+        status, headers = started
+        await send(
+            {
+                "type": "http.response.start",
+                "status": int(status[:3]),
+                "headers": [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers],
+            }
+        )
+        await send({"type": "http.response.body", "body": b"".join(parts)})
+
+
+def wsgi_environ(scope: dict[str, Any], body: bytes) -> dict[str, Any]:
+    """PEP 3333 environ for an ASGI HTTP scope (paths as latin-1 strings of their bytes)."""
+    server = scope.get("server") or ("localhost", 80)
+    environ: dict[str, Any] = {
+        "REQUEST_METHOD": scope["method"],
+        "SCRIPT_NAME": scope.get("root_path", "").encode().decode("latin-1"),
+        "PATH_INFO": scope["path"].encode().decode("latin-1"),
+        "QUERY_STRING": scope.get("query_string", b"").decode("latin-1"),
+        "SERVER_NAME": str(server[0]),
+        "SERVER_PORT": str(server[1] or 80),
+        "SERVER_PROTOCOL": f"HTTP/{scope.get('http_version', '1.1')}",
+        "wsgi.version": (1, 0),
+        "wsgi.url_scheme": scope.get("scheme", "http"),
+        "wsgi.input": io.BytesIO(body),
+        "wsgi.input_terminated": True,
+        "wsgi.errors": sys.stderr,
+        "wsgi.multithread": False,
+        "wsgi.multiprocess": True,
+        "wsgi.run_once": False,
+    }
+    client = scope.get("client")
+    if client:
+        environ["REMOTE_ADDR"], environ["REMOTE_PORT"] = str(client[0]), str(client[1])
+    for raw_name, raw_value in scope.get("headers", ()):
+        name = raw_name.decode("latin-1").upper().replace("-", "_")
+        key = name if name in ("CONTENT_TYPE", "CONTENT_LENGTH") else f"HTTP_{name}"
+        value = raw_value.decode("latin-1")
+        environ[key] = f"{environ[key]},{value}" if key in environ else value
+    if body or "CONTENT_LENGTH" in environ:
+        environ["CONTENT_LENGTH"] = str(len(body))
+    return environ
+
+
+class _HttpLog(Logger):  # type: ignore[misc]  # gunicorn ships no type hints
+    """The HTTP listener's log: OCSP requests are not access-logged (thousands a second, and a
+    stdout line costs more than a pre-signed answer); CRLs, certificates and /healthz are."""
+
+    def access(self, resp: Any, req: Any, environ: dict[str, Any], request_time: Any) -> None:
+        if not environ.get("PATH_INFO", "").startswith("/ocsp"):
+            super().access(resp, req, environ, request_time)
+
+
+def _gunicorn_options(listen: str, workers: int, listener: str = "https") -> dict[str, Any]:
+    options: dict[str, Any] = {
         "bind": [listen],
         "workers": max(1, workers),
         "worker_class": "sync",
@@ -87,6 +198,19 @@ def _gunicorn_options(listen: str, workers: int) -> dict[str, Any]:
         "timeout": 60,
         "preload_app": False,
     }
+    if listener == "http":
+        # OCSP answers are small and cheap: the cost is gunicorn's own, per request and per
+        # connection. The sync worker closes each connection and waits for the client's FIN
+        # (RFC 9112 §9.6) before it accepts the next; the asyncio worker keeps connections
+        # alive and parses in a third of the time (bench: ~2x the answers/s). Without it
+        # (gunicorn < 25), gthread with one thread: keep-alive, and a PKCS#11 session that is
+        # never shared between threads (DESIGN.md §6).
+        options.update(keepalive=5, logger_class=_HttpLog)
+        if ASGI_WORKER:
+            options.update(worker_class="asgi", asgi_lifespan="off")
+        else:
+            options.update(worker_class="gthread", threads=1)
+    return options
 
 
 # -- the server's own certificate ---------------------------------------------------------
@@ -231,7 +355,7 @@ def _jobs_main(config: Config, https_listen: str) -> None:
 
 
 def _http_main(config: Config, listen: str, workers: int) -> None:
-    _Application(config, "http", _gunicorn_options(listen, workers)).run()
+    _Application(config, "http", _gunicorn_options(listen, workers, "http")).run()
 
 
 def serve(config: Config, http_listen: str, https_listen: str, workers: int) -> None:

@@ -489,3 +489,103 @@ def test_the_revocation_job_signs_crls_and_responses_and_the_listener_resigns(
     der = store.crl_der(storage, shard.id)
     listed = x509.load_der_x509_crl(der)
     assert listed.get_revoked_certificate_by_serial_number(issued.certificate.serial_number)
+
+
+# -- the fast path: raw WSGI, cached parse and answers, never staler than the database ----------
+
+
+def test_warm_caches_answer_revoked_as_soon_as_another_process_revokes(
+    storage: Storage,
+    authority: CertificateAuthority,
+    signer: ocsp_signing.OcspSigner,
+    server: str,
+) -> None:
+    issued = _issue(authority, "fresh.test")
+    ocsp_signing.refresh_ocsp(signer)
+    der = _request(issued)
+    path = urllib.parse.quote(base64.b64encode(der).decode(), safe="")
+    first = _http(f"{server}/ocsp/{path}")
+    again = _http(f"{server}/ocsp/{path}")  # from the per-process caches
+    assert first[2] == again[2] and first[1]["ETag"] == again[1]["ETag"]
+    assert ocsp.load_der_ocsp_response(again[2]).certificate_status == ocsp.OCSPCertStatus.GOOD
+    assert _http(f"{server}/ocsp", data=der)[2] == first[2]
+    # Revoked and re-signed elsewhere (another worker, another host): no listener here.
+    revoked = storage.revoke(issued.record.serial, 1, "test")
+    store.store_ocsp_responses(storage, [signer.row(revoked)])
+    for status, headers, body in (_http(f"{server}/ocsp/{path}"), _http(f"{server}/ocsp", der)):
+        assert status == 200 and headers["ETag"] != first[1]["ETag"]
+        parsed = ocsp.load_der_ocsp_response(body)
+        assert parsed.certificate_status == ocsp.OCSPCertStatus.REVOKED
+        assert parsed.revocation_reason == x509.ReasonFlags.key_compromise
+
+
+def test_fast_path_answers_as_the_flask_routes_do(
+    storage: Storage,
+    pki: SessionPKI,
+    authority: CertificateAuthority,
+    signer: ocsp_signing.OcspSigner,
+) -> None:
+    from werkzeug.test import Client
+
+    from ocsp.web import FastPath
+
+    runtime = Runtime(load_config(None, environ={}))
+    runtime.__dict__.update(storage=storage, token=pki.online)
+    app = create_app(runtime, "http")
+    assert isinstance(app.wsgi_app, FastPath)
+    fast, routed = Client(app), Client(app.wsgi_app.app)
+    issued = _issue(authority, "alike.test")
+    ocsp_signing.refresh_ocsp(signer)
+    der = _request(issued)
+    encoded = base64.b64encode(der).decode()
+    for method, url, data in (
+        ("GET", f"/ocsp/{encoded}", None),
+        ("GET", f"/ocsp//{urllib.parse.quote(encoded, safe='')}", None),
+        ("POST", "/ocsp", der),
+        ("POST", "/ocsp/", der),
+        ("GET", "/ocsp", None),
+        ("GET", "/ocsp/%%%", None),
+        ("POST", "/ocsp", b"not der"),
+        ("POST", "/ocsp", b"\x30" * 5000),
+        ("POST", "/ocsp", _request(issued, nonce=b"n" * 8)),
+    ):
+        a = fast.open(url, method=method, data=data)
+        b = routed.open(url, method=method, data=data)
+        assert (a.status_code, a.content_type) == (b.status_code, b.content_type), url
+        if data is None or b"n" * 8 not in data:  # a nonce answer is signed anew each time
+            assert a.data == b.data, url
+            for name in ("ETag", "Last-Modified", "Expires", "Content-Length"):
+                assert a.headers.get(name) == b.headers.get(name), (url, name)
+        assert (
+            a.headers["Cache-Control"].split(",")[1:] == b.headers["Cache-Control"].split(",")[1:]
+        )
+    etag = fast.get(f"/ocsp/{encoded}").headers["ETag"]
+    assert fast.get(f"/ocsp/{encoded}", headers={"If-None-Match": etag}).status_code == 304
+    assert fast.head(f"/ocsp/{encoded}").status_code == 200  # HEAD: the blueprint's route
+    assert fast.put("/ocsp").status_code == 405
+    assert fast.get("/ocspx").status_code == 404
+    assert fast.get("/healthz").status_code in (200, 503)  # not OCSP: Flask
+
+
+def test_a_failed_fast_read_falls_back_to_the_storage_layer(
+    storage: Storage,
+    authority: CertificateAuthority,
+    signer: ocsp_signing.OcspSigner,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from ocsp.responder import StoredBytes
+
+    issued = _issue(authority, "fallback.test")
+    ocsp_signing.refresh_ocsp(signer)
+    responder = Responder(storage, signer, signer.clock)
+    good = responder.answer(_request(issued))
+    assert ocsp.load_der_ocsp_response(good.body).certificate_status == ocsp.OCSPCertStatus.GOOD
+
+    def broken(self: StoredBytes, issuer_id: str, serial: str) -> bytes | None:
+        raise CAError(Kind.STORAGE, "database unavailable: test")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(StoredBytes, "der", broken)
+        assert responder.answer(_request(issued)).body == good.body
+    responder._stored.close()  # a dropped connection is reopened on the next read
+    assert responder.answer(_request(issued)).body == good.body
