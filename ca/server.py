@@ -198,6 +198,11 @@ def _gunicorn_options(listen: str, workers: int, listener: str = "https") -> dic
         "timeout": 60,
         "preload_app": False,
     }
+    if listener == "https" and ASGI_WORKER:
+        # ACME clients send several requests in a row; with keep-alive they pay one TLS
+        # handshake, not one per request. The asyncio worker runs the WSGI app one request at
+        # a time per process, in one thread, as a sync worker does (PKCS#11, DESIGN.md §6).
+        options.update(keepalive=5, worker_class="asgi", asgi_lifespan="off")
     if listener == "http":
         # OCSP answers are small and cheap: the cost is gunicorn's own, per request and per
         # connection. The sync worker closes each connection and waits for the client's FIN
@@ -385,10 +390,13 @@ def serve(config: Config, http_listen: str, https_listen: str, workers: int) -> 
     )
     options = _gunicorn_options(https_listen, workers)
     options.update(certfile=str(path), keyfile=None, ssl_context=_ReloadingContext(path))
+    arbiter = os.getpid()
     try:
         _Application(config, "https", options).run()
     finally:
-        for child in children:
+        # gunicorn forks its workers inside run(): a worker leaving run() must not touch the
+        # arbiter's children (it is not their parent).
+        for child in children if os.getpid() == arbiter else ():
             child.terminate()
         deadline = time.monotonic() + 10
         for child in children:

@@ -15,10 +15,11 @@ import hashlib
 import hmac
 import json
 import secrets
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from ca.errors import CAError, Kind
@@ -34,7 +35,7 @@ from ca.storage.models import (
     CertificateName,
     Secret,
 )
-from ca.storage.store import Storage, rowcount
+from ca.storage.store import Storage, _database_errors, rowcount
 
 
 def new_id() -> str:
@@ -113,7 +114,25 @@ class EabKey:
     account_id: int | None
 
 
-def _account(row: AcmeAccount) -> Account:
+# The per-request reads, built once (see Storage's issuance statements for why).
+_ACCOUNT_BY_ID = select(AcmeAccount.__table__).where(AcmeAccount.id == bindparam("id"))
+_ORDER_BY_ID = select(AcmeOrder.__table__).where(AcmeOrder.id == bindparam("id"))
+_ORDER_AUTHZ_IDS = (
+    select(AcmeOrderAuthorization.authorization_id)
+    .where(AcmeOrderAuthorization.order_id == bindparam("id"))
+    .order_by(AcmeOrderAuthorization.authorization_id)
+)
+_AUTHZ_BY_ID = select(AcmeAuthorization.__table__).where(AcmeAuthorization.id == bindparam("id"))
+_AUTHZ_CHALLENGES = (
+    select(AcmeChallenge.__table__)
+    .where(AcmeChallenge.authorization_id == bindparam("id"))
+    .order_by(AcmeChallenge.type)
+)
+_USE_NONCE = insert(AcmeNonce)
+_CHALLENGE_BY_ID = select(AcmeChallenge.__table__).where(AcmeChallenge.id == bindparam("id"))
+
+
+def _account(row: Any) -> Account:
     return Account(
         id=row.id,
         key_thumbprint=row.key_thumbprint,
@@ -126,7 +145,7 @@ def _account(row: AcmeAccount) -> Account:
     )
 
 
-def _challenge(row: AcmeChallenge) -> Challenge:
+def _challenge(row: Any) -> Challenge:
     return Challenge(
         id=row.id,
         authorization_id=row.authorization_id,
@@ -205,8 +224,8 @@ class AcmeStore:
         if not now - lifetime <= issued <= now + datetime.timedelta(minutes=1):
             return False
         try:
-            with self.storage.transaction(durable=False) as session:
-                session.add(AcmeNonce(value=value, expires_at=issued + lifetime))
+            with self.storage._core(flush_log=False) as connection:
+                connection.execute(_USE_NONCE, {"value": value, "expires_at": issued + lifetime})
         except CAError as exc:
             if exc.kind is Kind.CONFLICT:
                 return False  # already used
@@ -274,9 +293,15 @@ class AcmeStore:
             )
             return _account(row), True
 
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        """A Core connection for the hot reads of every request (no ORM identity map)."""
+        with _database_errors(), self.storage.engine.connect() as connection:
+            yield connection
+
     def account(self, account_id: int) -> Account | None:
-        with self.storage.transaction() as session:
-            row = session.get(AcmeAccount, account_id)
+        with self._read() as connection:
+            row = connection.execute(_ACCOUNT_BY_ID, {"id": account_id}).first()
             return _account(row) if row else None
 
     def account_by_thumbprint(self, thumbprint: str) -> Account | None:
@@ -471,20 +496,14 @@ class AcmeStore:
         return order
 
     def order(self, order_id: str) -> Order | None:
-        with self.storage.transaction() as session:
-            row = session.get(AcmeOrder, order_id)
+        with self._read() as connection:
+            row = connection.execute(_ORDER_BY_ID, {"id": order_id}).first()
             if row is None:
                 return None
-            return self._order(session, row)
+            authz_ids = tuple(connection.scalars(_ORDER_AUTHZ_IDS, {"id": order_id}))
+            return self._order(row, authz_ids)
 
-    def _order(self, session: Session, row: AcmeOrder) -> Order:
-        authz_ids = tuple(
-            session.scalars(
-                select(AcmeOrderAuthorization.authorization_id)
-                .where(AcmeOrderAuthorization.order_id == row.id)
-                .order_by(AcmeOrderAuthorization.authorization_id)
-            )
-        )
+    def _order(self, row: Any, authz_ids: tuple[str, ...]) -> Order:
         status = row.status
         if status in ("pending", "ready") and row.expires <= self.clock.now():
             status = "invalid"  # §7.1.6: an expired order is invalid
@@ -505,17 +524,12 @@ class AcmeStore:
         )
 
     def authorization(self, authz_id: str) -> Authorization | None:
-        with self.storage.transaction() as session:
-            row = session.get(AcmeAuthorization, authz_id)
+        with self._read() as connection:
+            row = connection.execute(_AUTHZ_BY_ID, {"id": authz_id}).first()
             if row is None:
                 return None
             challenges = tuple(
-                _challenge(c)
-                for c in session.scalars(
-                    select(AcmeChallenge)
-                    .where(AcmeChallenge.authorization_id == authz_id)
-                    .order_by(AcmeChallenge.type)
-                )
+                _challenge(c) for c in connection.execute(_AUTHZ_CHALLENGES, {"id": authz_id})
             )
             status = row.status
             if status in ("pending", "valid") and row.expires <= self.clock.now():
@@ -533,8 +547,8 @@ class AcmeStore:
             )
 
     def challenge(self, challenge_id: str) -> Challenge | None:
-        with self.storage.transaction() as session:
-            row = session.get(AcmeChallenge, challenge_id)
+        with self._read() as connection:
+            row = connection.execute(_CHALLENGE_BY_ID, {"id": challenge_id}).first()
             return _challenge(row) if row else None
 
     def start_challenge(self, challenge_id: str) -> bool:
