@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import datetime
 import hashlib
-import os
 import statistics
 import sys
 import tempfile
@@ -14,51 +12,19 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from ca import ceremony, certs
-from ca.config import DEFAULT_SOFTHSM_MODULE
-from ca.demo import init_softhsm_token, write_softhsm_conf
-from ca.hsm import HsmEcPrivateKey, KeySpec, Token
+from ca.hsm import HsmEcPrivateKey, Token
 from ca.issuance import CertificateAuthority, IssuanceRequest
-from ca.policy import Identifier
+from ca.policy import Identifier, PublicKey
 from ca.profiles import load_profiles
-from ca.storage import Storage
 from scripts import benchmarks_acme, benchmarks_revocation
+from scripts.bench_pki import BASE_URL, bench_pki
 
 
 def _setup(workdir: Path, db_url: str | None) -> tuple[CertificateAuthority, Token]:
-    conf = write_softhsm_conf(workdir)
-    init_softhsm_token(conf, "bench-root", "1111")
-    init_softhsm_token(conf, "bench-online", "2222")
-    os.environ["SOFTHSM2_CONF"] = str(conf)
-    root_token = Token(DEFAULT_SOFTHSM_MODULE, "bench-root", "1111")
-    online = Token(DEFAULT_SOFTHSM_MODULE, "bench-online", "2222")
-    storage = Storage(db_url or f"sqlite:///{workdir / 'bench.db'}")
-    storage.migrate()
-    root = ceremony.create_root(
-        root_token,
-        key_label="root",
-        spec=KeySpec.parse("ec-p384"),
-        subject=certs.parse_name("CN=bench root"),
-        validity=datetime.timedelta(days=3650),
-        path_length=0,
+    storage, online = bench_pki(
+        workdir, db_url, (("issuing-ec", "ec-p256"), ("issuing-rsa", "rsa-2048"))
     )
-    ceremony.register_root(storage, "root", root.certificate, "bench")
-    for issuer_id, spec in (("issuing-ec", "ec-p256"), ("issuing-rsa", "rsa-2048")):
-        ceremony.create_intermediate(
-            storage,
-            root,
-            online,
-            issuer_id=issuer_id,
-            key_label=issuer_id,
-            spec=KeySpec.parse(spec),
-            subject=certs.parse_name(f"CN=bench {issuer_id}"),
-            validity=datetime.timedelta(days=365),
-            public_base_url="http://ca.bench",
-            actor="bench",
-        )
-    authority = CertificateAuthority(
-        storage, online, load_profiles({}), public_base_url="http://ca.bench"
-    )
+    authority = CertificateAuthority(storage, online, load_profiles({}), public_base_url=BASE_URL)
     authority.warm_up()
     return authority, online
 
@@ -72,7 +38,7 @@ def bench_issuance(n: int, db_url: str | None) -> None:
         authority, online = _setup(Path(tmp), db_url)
         backend = authority.storage.dialect
         print(f"issuance benchmark: n={n} per row, database={backend}, one process")
-        subject_keys = {
+        subject_keys: dict[str, PublicKey] = {
             "ec-p256": ec.generate_private_key(ec.SECP256R1()).public_key(),
             "rsa-2048": rsa.generate_private_key(65537, 2048).public_key(),
         }

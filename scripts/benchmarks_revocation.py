@@ -25,14 +25,12 @@ from typing import Any
 
 from sqlalchemy import insert
 
-from ca import ceremony, certs, crl
-from ca.config import DEFAULT_SOFTHSM_MODULE
-from ca.demo import init_softhsm_token, write_softhsm_conf
-from ca.hsm import KeySpec, Token
+from ca import certs, crl
+from ca.hsm import Token
 from ca.storage import Storage
 from ca.storage.models import Certificate
+from scripts.bench_pki import BASE_URL, bench_pki
 
-BASE_URL = "http://ca.bench"
 _REASONS = (0, 1, 4, 5, 9)
 
 
@@ -41,36 +39,7 @@ def _peak_mib() -> float:
 
 
 def _pki(workdir: Path, db_url: str | None, key_type: str) -> tuple[Storage, Token]:
-    conf = write_softhsm_conf(workdir)
-    init_softhsm_token(conf, "bench-root", "1111")
-    init_softhsm_token(conf, "bench-online", "2222")
-    os.environ["SOFTHSM2_CONF"] = str(conf)
-    root_token = Token(DEFAULT_SOFTHSM_MODULE, "bench-root", "1111")
-    online = Token(DEFAULT_SOFTHSM_MODULE, "bench-online", "2222")
-    storage = Storage(db_url or f"sqlite:///{workdir / 'bench.db'}")
-    storage.migrate()
-    root = ceremony.create_root(
-        root_token,
-        key_label="root",
-        spec=KeySpec.parse("ec-p384"),
-        subject=certs.parse_name("CN=bench root"),
-        validity=datetime.timedelta(days=3650),
-        path_length=0,
-    )
-    ceremony.register_root(storage, "root", root.certificate, "bench")
-    ceremony.create_intermediate(
-        storage,
-        root,
-        online,
-        issuer_id="issuing",
-        key_label="issuing",
-        spec=KeySpec.parse(key_type),
-        subject=certs.parse_name("CN=bench issuing"),
-        validity=datetime.timedelta(days=365),
-        public_base_url=BASE_URL,
-        actor="bench",
-    )
-    return storage, online
+    return bench_pki(workdir, db_url, (("issuing", key_type),))
 
 
 def _insert_revoked(storage: Storage, count: int, shards: int, batch: int = 20000) -> None:
