@@ -647,6 +647,10 @@ class AcmeService:
         except CAError as exc:
             # Transient failures and refusals of the request leave the order ready for another
             # finalize; anything else (a lint refusal: our own fault) makes it invalid.
+            if exc.kind in (Kind.HSM, Kind.STORAGE, Kind.INTERNAL):
+                log.error(
+                    "finalize of order %s failed: %s (%s)", order.id, exc.detail, exc.kind.value
+                )
             transient = exc.kind in (
                 Kind.HSM,
                 Kind.STORAGE,

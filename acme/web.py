@@ -113,7 +113,17 @@ def blueprint(runtime: Runtime) -> Blueprint:
 
     @bp.errorhandler(CAError)
     def on_ca_error(error: CAError) -> Response:
-        return problem_response(problem_for(error))
+        problem = problem_for(error)
+        if problem.status >= 500:
+            # The client sees a generic detail; the operator's log gets the real one.
+            log.error(
+                "ACME %s %s failed: %s (%s)",
+                request.method,
+                request.path,
+                error.detail,
+                error.kind.value,
+            )
+        return problem_response(problem)
 
     @bp.errorhandler(KeyInUse)
     def on_key_in_use(error: KeyInUse) -> Response:

@@ -20,6 +20,7 @@ import datetime
 import gc
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -364,9 +365,8 @@ class CertificateAuthority:
 
         # Step 4: sign in the HSM.
         try:
-            certificate = builder.sign(self._issuer_key(issuer), algorithm)
+            certificate = self._sign(builder, issuer, algorithm)
         except CAError as exc:
-            issuer.key = None  # reload the key handle once the token is back
             self._mark_failed_quietly(certificate_id, str(exc), request.source)
             raise
 
@@ -375,6 +375,27 @@ class CertificateAuthority:
             certificate_id, certificate.public_bytes(serialization.Encoding.DER), request.source
         )
         return IssuedCertificate(record, certificate, (issuer.certificate, *issuer.chain))
+
+    def _sign(
+        self, builder: x509.CertificateBuilder, issuer: _LoadedIssuer, algorithm: Any
+    ) -> x509.Certificate:
+        """Sign with the issuer's key; on an HSM error, once more on a fresh session.
+
+        Another process writing to a SoftHSM token (a new OCSP responder key, say) makes it
+        reload its object store, and key handles of sessions opened before may stop working;
+        a token that was away and is back needs a new session too. One retry covers both
+        without a restart; a token still missing fails the second time too.
+        """
+        try:
+            return builder.sign(self._issuer_key(issuer), algorithm)
+        except CAError:
+            issuer.key = None
+            self.token.reset()
+        try:
+            return builder.sign(self._issuer_key(issuer), algorithm)
+        except CAError:
+            issuer.key = None  # reload the key handle once the token is back
+            raise
 
     def _reserve(
         self,
