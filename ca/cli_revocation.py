@@ -45,6 +45,14 @@ def get_request_path(request_der: bytes) -> str:
     return text
 
 
+def published_file(request_der: bytes) -> str:
+    """Where under DIR/ocsp/ the answer to this request is written: its GET path, or, for a
+    path that ends in `/` (the base64 ended in `/`), `index.der` inside that directory, which
+    nginx serves for such a URI with `index index.der;` (see ocsp/README.md)."""
+    path = get_request_path(request_der)
+    return path + "index.der" if path.endswith("/") else path
+
+
 def register(main: click.Group) -> None:
     """Add the revocation commands to the `certwright` group."""
     from ca.cli import with_runtime
@@ -123,7 +131,7 @@ def register(main: click.Group) -> None:
                 )
                 issuers[issuer_id] = ids
             request = ocsp_signing.canonical_request(ids, int(serial, 16))
-            write_atomically(base / "ocsp" / get_request_path(request), der)
+            write_atomically(base / "ocsp" / published_file(request), der)
             write_atomically(base / "ocsp-by-serial" / issuer_id / f"{serial}.der", der)
             count += 1
         click.echo(f"{count} OCSP response(s) written under {base}")

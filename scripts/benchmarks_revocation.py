@@ -150,7 +150,7 @@ http {
   server {
     listen 127.0.0.1:%(port)d backlog=4096;
     root %(www)s;
-    location /ocsp/ { default_type application/ocsp-response; }
+    location /ocsp/ { default_type application/ocsp-response; index index.der; }
   }
 }
 """

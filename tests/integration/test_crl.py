@@ -299,7 +299,7 @@ def test_revoking_with_a_reason_crls_never_carry_is_refused(
 def test_cli_sign_and_publish_crls_and_ocsp_for_static_serving(tmp_path: Path) -> None:
     import json
 
-    from ca.cli_revocation import get_request_path
+    from ca.cli_revocation import published_file
     from ca.ocsp_signing import canonical_request, cert_id_keys
     from tests.conftest import run_cli
 
@@ -355,7 +355,7 @@ def test_cli_sign_and_publish_crls_and_ocsp_for_static_serving(tmp_path: Path) -
     ok("ocsp", "publish", "--out", str(published))
     chain = x509.load_pem_x509_certificates((out / "chain.pem").read_bytes())
     ids = cert_id_keys(record["issuer"], chain[0])
-    path = published / "ocsp" / get_request_path(canonical_request(ids, int(record["serial"], 16)))
+    path = published / "ocsp" / published_file(canonical_request(ids, int(record["serial"], 16)))
     response = x509.ocsp.load_der_ocsp_response(path.read_bytes())
     assert response.certificate_status == x509.ocsp.OCSPCertStatus.REVOKED
     by_serial = published / "ocsp-by-serial" / record["issuer"] / f"{record['serial']}.der"

@@ -589,3 +589,13 @@ def test_a_failed_fast_read_falls_back_to_the_storage_layer(
         assert responder.answer(_request(issued)).body == good.body
     responder._stored.close()  # a dropped connection is reopened on the next read
     assert responder.answer(_request(issued)).body == good.body
+
+
+def test_a_get_path_ending_in_a_slash_is_published_as_index_der() -> None:
+    from ca.cli_revocation import get_request_path, published_file
+
+    # 00 00 3f base64-encodes to "AAA/": the GET path ends in "/", so the answer goes to
+    # <path>/index.der, which nginx serves for that URI with `index index.der;`.
+    assert get_request_path(b"\x00\x00\x3f") == "AAA/"
+    assert published_file(b"\x00\x00\x3f") == "AAA/index.der"
+    assert published_file(b"\x00\x00\x00") == "AAAA"
