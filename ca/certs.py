@@ -164,6 +164,21 @@ def ca_key_usage() -> x509.KeyUsage:
     )
 
 
+def end_entity_key_usage(*, key_encipherment: bool = False) -> x509.KeyUsage:
+    """digitalSignature, plus keyEncipherment for an RSA key used in TLS 1.2 key transport."""
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=key_encipherment,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=False,
+        crl_sign=False,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
 def utcnow_floor(now: datetime.datetime) -> datetime.datetime:
     """Certificates carry whole seconds; truncate so what we store equals what we sign."""
     return now.replace(microsecond=0)

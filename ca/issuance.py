@@ -465,18 +465,7 @@ class CertificateAuthority:
             .not_valid_after(not_after)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=key_encipherment,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=False,
-                    crl_sign=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
+                certs.end_entity_key_usage(key_encipherment=key_encipherment), critical=True
             )
             .add_extension(
                 x509.ExtendedKeyUsage([EKU_OIDS[e] for e in profile.ekus]), critical=False
