@@ -396,10 +396,15 @@ def serve(config: Config, http_listen: str, https_listen: str, workers: int) -> 
     finally:
         # gunicorn forks its workers inside run(): a worker leaving run() must not touch the
         # arbiter's children (it is not their parent).
-        for child in children if os.getpid() == arbiter else ():
-            child.terminate()
-        deadline = time.monotonic() + 10
-        for child in children:
-            child.join(max(0.1, deadline - time.monotonic()))
-            if child.is_alive():
-                child.kill()
+        if os.getpid() == arbiter:
+            _stop_children(children)
+
+
+def _stop_children(children: list[Any]) -> None:
+    for child in children:
+        child.terminate()
+    deadline = time.monotonic() + 10
+    for child in children:
+        child.join(max(0.1, deadline - time.monotonic()))
+        if child.is_alive():
+            child.kill()
