@@ -1020,16 +1020,25 @@ def test_revocation_signed_with_the_certificate_key(server: Server) -> None:
 # -- rate limits (shared: they are counts of database rows) -----------------------------------
 
 
-@contextlib.contextmanager
+LimitedServer = Callable[..., contextlib.AbstractContextManager[Server]]
+
+
+@pytest.fixture
 def limited_server(
     storage: Storage,
+    pki: SessionPKI,
     tmp_path: Path,
     dns: ChallTestSrv,
     responder: ChallengeResponder,
-    **limits: Any,
-) -> Iterator[Server]:
-    with running_server(storage, tmp_path, dns, responder, name="limited", **limits) as running:
-        yield running
+    monkeypatch: pytest.MonkeyPatch,
+) -> LimitedServer:
+    """A second app on the same database with some [acme] rate limits set."""
+    monkeypatch.setenv("CERTWRIGHT_HSM_PIN", ONLINE_PIN)
+
+    def start(**limits: Any) -> contextlib.AbstractContextManager[Server]:
+        return running_server(storage, tmp_path, dns, responder, name="limited", **limits)
+
+    return start
 
 
 def assert_rate_limited(response: TestResponse) -> None:
@@ -1039,15 +1048,9 @@ def assert_rate_limited(response: TestResponse) -> None:
 
 @sqlite_only
 def test_new_orders_per_account_per_hour_are_limited(
-    storage: Storage,
-    pki: SessionPKI,
-    tmp_path: Path,
-    dns: ChallTestSrv,
-    responder: ChallengeResponder,
-    monkeypatch: pytest.MonkeyPatch,
+    storage: Storage, limited_server: LimitedServer
 ) -> None:
-    monkeypatch.setenv("CERTWRIGHT_HSM_PIN", ONLINE_PIN)
-    with limited_server(storage, tmp_path, dns, responder, orders_per_account_per_hour=2) as srv:
+    with limited_server(orders_per_account_per_hour=2) as srv:
         client = srv.account()
         for name in ("o1.test", "o2.test"):
             assert client.new_order(dns_ids(name)).status_code == 201
@@ -1059,15 +1062,9 @@ def test_new_orders_per_account_per_hour_are_limited(
 
 @sqlite_only
 def test_new_accounts_per_ip_per_hour_are_limited(
-    storage: Storage,
-    pki: SessionPKI,
-    tmp_path: Path,
-    dns: ChallTestSrv,
-    responder: ChallengeResponder,
-    monkeypatch: pytest.MonkeyPatch,
+    storage: Storage, limited_server: LimitedServer
 ) -> None:
-    monkeypatch.setenv("CERTWRIGHT_HSM_PIN", ONLINE_PIN)
-    with limited_server(storage, tmp_path, dns, responder, accounts_per_ip_per_hour=1) as srv:
+    with limited_server(accounts_per_ip_per_hour=1) as srv:
         srv.account()
         with unchanged(storage):
             assert_rate_limited(srv.client().new_account())
@@ -1075,17 +1072,9 @@ def test_new_accounts_per_ip_per_hour_are_limited(
 
 @sqlite_only
 def test_failed_validations_per_account_and_name_are_limited(
-    storage: Storage,
-    pki: SessionPKI,
-    tmp_path: Path,
-    dns: ChallTestSrv,
-    responder: ChallengeResponder,
-    monkeypatch: pytest.MonkeyPatch,
+    storage: Storage, limited_server: LimitedServer
 ) -> None:
-    monkeypatch.setenv("CERTWRIGHT_HSM_PIN", ONLINE_PIN)
-    with limited_server(
-        storage, tmp_path, dns, responder, failed_validations_per_account_per_hour=1
-    ) as srv:
+    with limited_server(failed_validations_per_account_per_hour=1) as srv:
         client = srv.account()
 
         def try_http01() -> TestResponse:
@@ -1103,17 +1092,9 @@ def test_failed_validations_per_account_and_name_are_limited(
 
 @sqlite_only
 def test_certificates_per_domain_per_week_are_limited(
-    storage: Storage,
-    pki: SessionPKI,
-    tmp_path: Path,
-    dns: ChallTestSrv,
-    responder: ChallengeResponder,
-    monkeypatch: pytest.MonkeyPatch,
+    storage: Storage, limited_server: LimitedServer
 ) -> None:
-    monkeypatch.setenv("CERTWRIGHT_HSM_PIN", ONLINE_PIN)
-    with limited_server(
-        storage, tmp_path, dns, responder, certificates_per_domain_per_week=1
-    ) as srv:
+    with limited_server(certificates_per_domain_per_week=1) as srv:
         client = srv.account()
         issue(srv, client, ["a.limited.test"])
         with unchanged(storage):
