@@ -376,36 +376,25 @@ class AcmeService:
                 types = ("http-01", "dns-01", "tls-alpn-01")
             new.append(NewAuthorization(identifier.type, value, wildcard, types))
         try:
-            return self._create_order(account, checked, reused, new, profile_name, now, replaces)
+            return self.store.create_order(
+                account_id=account.id,
+                identifiers=[identifier_json(i) for i in checked],
+                reused=reused,
+                new=new,
+                profile=profile_name,
+                expires=now + self.settings.order_lifetime,
+                authz_expires=now + self.settings.authorization_lifetime,
+                not_before=None,
+                not_after=None,
+                replaces=replaces,
+            )
         except CAError as exc:
+            # The partial unique index on live `replaces` lost a race: RFC 9773 §5.
             if exc.kind is Kind.CONFLICT and replaces is not None:
                 raise problems.already_replaced(
                     "another order already replaces that certificate"
                 ) from None
             raise
-
-    def _create_order(
-        self,
-        account: Account,
-        checked: Sequence[Identifier],
-        reused: Sequence[str],
-        new: Sequence[NewAuthorization],
-        profile_name: str,
-        now: datetime.datetime,
-        replaces: str | None,
-    ) -> Order:
-        return self.store.create_order(
-            account_id=account.id,
-            identifiers=[identifier_json(i) for i in checked],
-            reused=reused,
-            new=new,
-            profile=profile_name,
-            expires=now + self.settings.order_lifetime,
-            authz_expires=now + self.settings.authorization_lifetime,
-            not_before=None,
-            not_after=None,
-            replaces=replaces,
-        )
 
     def _check_replaces(
         self, account: Account, replaces: Any, identifiers: Sequence[Identifier]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime
-from typing import Any
 
 from sqlalchemy import (
     DateTime,
@@ -317,7 +316,3 @@ class OcspResponder(Base):
     not_before: Mapped[datetime.datetime] = mapped_column(UTCDateTime())
     not_after: Mapped[datetime.datetime] = mapped_column(UTCDateTime())
     created_at: Mapped[datetime.datetime] = mapped_column(UTCDateTime())
-
-
-def as_dict(row: Any) -> dict[str, Any]:
-    return {c.key: getattr(row, c.key) for c in row.__table__.columns}
