@@ -702,9 +702,10 @@ def audit_log(runtime: Runtime, limit: int, as_json: bool) -> None:
 
 
 def _register_subcommands() -> None:
-    from ca import cli_revocation
+    from ca import cli_audit, cli_discovery, cli_inventory, cli_monitor, cli_revocation
 
-    cli_revocation.register(main)
+    for module in (cli_revocation, cli_inventory, cli_discovery, cli_monitor, cli_audit):
+        module.register(main)
 
 
 _register_subcommands()

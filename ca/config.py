@@ -93,6 +93,49 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "failed_validations_per_account_per_hour": 30,
         "accounts_per_ip_per_hour": 100,
     },
+    # -- lifecycle: discovery, findings, expiry alerts, dashboard, metrics --------------------
+    "discovery": {
+        "timeout_seconds": 5.0,
+        "concurrency": 64,
+        # A certificate not seen at a location this many scans in a row is flagged missing.
+        "missing_after_scans": 3,
+    },
+    "findings": {
+        "expiring_warning_days": 30,
+        "expiring_critical_days": 7,
+    },
+    "monitor": {
+        # The expiry monitor runs inside `serve` (and as `certwright monitor --once`).
+        "enabled": True,
+        "interval_seconds": 300,
+        "thresholds_days": [30, 14, 7, 1],
+        "include_discovered": True,
+        # Webhooks: JSON POST signed with HMAC-SHA256 of the body (secret from
+        # CERTWRIGHT_MONITOR_WEBHOOK_SECRET or webhook_secret_file), retried with backoff.
+        "webhook_urls": [],
+        "webhook_secret_file": "",
+        "webhook_timeout_seconds": 5.0,
+        "max_attempts": 8,
+        # Email over SMTP; owners that are email addresses get their own mail, everything
+        # also goes to email_to. smtp_host "" turns email off.
+        "smtp_host": "",
+        "smtp_port": 25,
+        "smtp_starttls": False,
+        "smtp_username": "",
+        "smtp_password_file": "",
+        "smtp_from": "certwright@localhost",
+        "email_to": [],
+    },
+    "dashboard": {
+        # Read-only admin page at /dashboard on the HTTPS listener; a bearer token (from
+        # CERTWRIGHT_DASHBOARD_TOKEN or token_file) is required. No token, no dashboard.
+        "enabled": True,
+        "token_file": "",
+    },
+    "metrics": {
+        # Prometheus metrics at /metrics on the plain-HTTP listener.
+        "enabled": True,
+    },
 }
 PROFILE_KEYS = {
     "description",

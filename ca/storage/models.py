@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime
 
 from sqlalchemy import (
+    BigInteger,
+    Boolean,
     DateTime,
     ForeignKey,
     Index,
@@ -110,6 +112,10 @@ class Certificate(Base):
     acme_account_id: Mapped[int | None] = mapped_column(Integer, index=True)
     # Lineage: the serial this certificate replaced (ACME `replaces`, RFC 9773 §5).
     replaces: Mapped[str | None] = mapped_column(String(48), index=True)
+    # Free-form labels, stored as ",a,b," so one tag is a LIKE '%,a,%' match.
+    tags: Mapped[str] = mapped_column(Text, default="", server_default="")
+    # The last time an ACME client asked for this certificate's renewalInfo (RFC 9773).
+    ari_checked_at: Mapped[datetime.datetime | None] = mapped_column(UTCDateTime())
 
 
 class CertificateName(Base):
@@ -140,17 +146,131 @@ class Crl(Base):
 
 
 class AuditEvent(Base):
-    """An append-only record of something that happened: who did what to what, and how it went."""
+    """An append-only record of something that happened: who did what to what, and how it went.
+
+    Records are chained: `seq` counts 1, 2, 3, ... without gaps and `hash` is SHA-256 over the
+    previous record's hash and this record's fields (ca/storage/audit.py), so an edited,
+    deleted or reordered record breaks the chain that `certwright audit-log verify` walks.
+    """
 
     __tablename__ = "audit_events"
+    __table_args__ = (UniqueConstraint("seq", name="uq_audit_events_seq"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    seq: Mapped[int] = mapped_column(BigInteger)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))
     time: Mapped[datetime.datetime] = mapped_column(UTCDateTime(), index=True)
     actor: Mapped[str] = mapped_column(String(128))
     action: Mapped[str] = mapped_column(String(64), index=True)
     subject: Mapped[str] = mapped_column(String(256))
     outcome: Mapped[str] = mapped_column(String(16))  # "success" | "refused" | "failed"
     detail: Mapped[str] = mapped_column(Text, default="{}")  # JSON
+
+
+class AuditChainHead(Base):
+    """The chain's newest link (one row, id 1). Appending locks it, so records are chained in
+    commit order by every process; verify compares it with the last record, so cutting records
+    off the end is detected too."""
+
+    __tablename__ = "audit_chain"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger)
+    hash: Mapped[str] = mapped_column(String(64))
+
+
+# -- Lifecycle: discovery and alerts ----------------------------------------------------------
+
+
+class DiscoveredCertificate(Base):
+    """A certificate found by a discovery scan (a TLS endpoint or a file), ours or not.
+
+    `certificate_id` links it to our own record when we issued it; inventory listings show
+    every certificate of ours plus the discovered ones that are not ours.
+    """
+
+    __tablename__ = "discovered_certificates"
+    __table_args__ = (Index("ix_discovered_owner_not_after", "owner", "not_after"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    fingerprint_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    der: Mapped[bytes] = mapped_column(LargeBinary)
+    subject: Mapped[str] = mapped_column(String(1024))
+    issuer: Mapped[str] = mapped_column(String(1024))
+    serial: Mapped[str] = mapped_column(String(48), index=True)
+    common_name: Mapped[str | None] = mapped_column(String(256))
+    names: Mapped[str] = mapped_column(Text)  # space-separated
+    key_type: Mapped[str] = mapped_column(String(32))
+    signature_algorithm: Mapped[str] = mapped_column(String(64))
+    not_before: Mapped[datetime.datetime] = mapped_column(UTCDateTime())
+    not_after: Mapped[datetime.datetime] = mapped_column(UTCDateTime(), index=True)
+    self_signed: Mapped[bool] = mapped_column(Boolean)
+    is_ca: Mapped[bool] = mapped_column(Boolean, default=False)
+    certificate_id: Mapped[int | None] = mapped_column(ForeignKey("certificates.id"), index=True)
+    owner: Mapped[str | None] = mapped_column(String(128))
+    tags: Mapped[str] = mapped_column(Text, default="", server_default="")
+    first_seen: Mapped[datetime.datetime] = mapped_column(UTCDateTime())
+    last_seen: Mapped[datetime.datetime] = mapped_column(UTCDateTime())
+
+
+class DiscoveryScan(Base):
+    """One run of `certwright discover`: what it looked at and what it found."""
+
+    __tablename__ = "discovery_scans"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(16))  # "tls" | "files"
+    actor: Mapped[str] = mapped_column(String(128))
+    started_at: Mapped[datetime.datetime] = mapped_column(UTCDateTime())
+    finished_at: Mapped[datetime.datetime | None] = mapped_column(UTCDateTime())
+    targets: Mapped[int] = mapped_column(Integer, default=0)
+    found: Mapped[int] = mapped_column(Integer, default=0)
+    errors: Mapped[int] = mapped_column(Integer, default=0)
+    detail: Mapped[str] = mapped_column(Text, default="{}")  # JSON
+
+
+class CertificateSighting(Base):
+    """Where a discovered certificate was deployed: a TLS endpoint (host:port, with SNI) or a
+    file path. Re-scans move last_seen; a location scanned without the certificate counts a
+    miss, and `missed_scans` at or above the configured N flags it."""
+
+    __tablename__ = "certificate_sightings"
+    __table_args__ = (UniqueConstraint("discovered_id", "location_kind", "location"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    discovered_id: Mapped[int] = mapped_column(
+        ForeignKey("discovered_certificates.id", ondelete="CASCADE"), index=True
+    )
+    location_kind: Mapped[str] = mapped_column(String(8))  # "tls" | "file"
+    location: Mapped[str] = mapped_column(String(1024), index=True)
+    first_seen: Mapped[datetime.datetime] = mapped_column(UTCDateTime())
+    last_seen: Mapped[datetime.datetime] = mapped_column(UTCDateTime())
+    last_scan_id: Mapped[int | None] = mapped_column(Integer)
+    missed_scans: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class ExpiryNotification(Base):
+    """One expiry alert: one certificate, one threshold, one channel. The UNIQUE constraint is
+    what makes "once per certificate per threshold" hold across processes and restarts."""
+
+    __tablename__ = "expiry_notifications"
+    __table_args__ = (
+        UniqueConstraint("subject", "threshold_days", "channel"),
+        Index("ix_expiry_notifications_status_next", "status", "next_attempt_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    subject: Mapped[str] = mapped_column(String(128))  # "serial:<hex>" | "sha256:<hex>"
+    threshold_days: Mapped[int] = mapped_column(Integer)
+    channel: Mapped[str] = mapped_column(String(512))  # "webhook:<url>" | "email:<address>"
+    owner: Mapped[str | None] = mapped_column(String(128))
+    status: Mapped[str] = mapped_column(String(16))  # pending | sent | failed | silenced
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime.datetime] = mapped_column(UTCDateTime())
+    created_at: Mapped[datetime.datetime] = mapped_column(UTCDateTime())
+    sent_at: Mapped[datetime.datetime | None] = mapped_column(UTCDateTime())
+    last_error: Mapped[str | None] = mapped_column(String(512))
 
 
 # -- ACME (RFC 8555) ---------------------------------------------------------------------------

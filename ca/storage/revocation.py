@@ -18,8 +18,9 @@ from sqlalchemy import Connection, and_, bindparam, delete, func, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from ca.errors import CAError, Kind
-from ca.storage.models import AuditEvent, Certificate, Crl, OcspResponder, OcspResponse
-from ca.storage.store import Storage, _audit_values, _database_errors
+from ca.storage import audit
+from ca.storage.models import Certificate, Crl, OcspResponder, OcspResponse
+from ca.storage.store import Storage, _database_errors
 
 _PRESIGNED = select(OcspResponse.der, OcspResponse.this_update, OcspResponse.next_update).where(
     OcspResponse.issuer_id == bindparam("issuer_id"),
@@ -233,17 +234,16 @@ def insert_crl(
         )
         session.add(row)
         session.flush()
-        session.add(
-            AuditEvent(
-                **_audit_values(
-                    storage.clock.now(),
-                    actor,
-                    "crl.sign",
-                    f"issuer:{issuer_id}/shard:{shard}",
-                    "success",
-                    {"number": number, "bytes": len(der)},
-                )
-            )
+        audit.append(
+            session,
+            audit.values(
+                storage.clock.now(),
+                actor,
+                "crl.sign",
+                f"issuer:{issuer_id}/shard:{shard}",
+                "success",
+                {"number": number, "bytes": len(der)},
+            ),
         )
         return int(row.id)
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import fnmatch
-import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,14 +30,14 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from ca.clock import Clock, SystemClock
 from ca.errors import CAError, Kind
-from ca.storage.models import AuditEvent, Certificate, CertificateName, Crl, Issuer
+from ca.storage import audit
+from ca.storage.models import Certificate, CertificateName, Crl, Issuer
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 
 # The issuance path's statements, built once: building a statement costs more than running it.
 _RESERVE = insert(Certificate).returning(Certificate.id)
 _ADD_NAMES = insert(CertificateName)
-_ADD_AUDIT = insert(AuditEvent)
 _COMPROMISED = (
     select(Certificate.id)
     .where(
@@ -406,8 +405,8 @@ class Storage:
                 connection.execute(
                     _RECORD, {"certificate_id": certificate_id, "der": b"", "issued_at": now}
                 ).one_or_none()
-                connection.execute(
-                    _ADD_AUDIT, _audit_values(now, "warm-up", "warm-up", "warm-up", "none", {})
+                audit.append(
+                    connection, audit.values(now, "warm-up", "warm-up", "warm-up", "none", {})
                 )
             finally:
                 transaction.rollback()
@@ -422,9 +421,9 @@ class Storage:
             if row is None:
                 raise CAError(Kind.INTERNAL, "the reserved certificate is no longer pending")
             record = _certificate_record(row)  # type: ignore[arg-type]  # a Row has the columns
-            connection.execute(
-                _ADD_AUDIT,
-                _audit_values(
+            audit.append(
+                connection,
+                audit.values(
                     now,
                     actor,
                     "certificate.issue",
@@ -605,48 +604,19 @@ class Storage:
         outcome: str,
         detail: dict[str, Any],
     ) -> None:
-        session.add(
-            AuditEvent(**_audit_values(self.clock.now(), actor, action, subject, outcome, detail))
+        audit.append(
+            session, audit.values(self.clock.now(), actor, action, subject, outcome, detail)
         )
 
     def audit_events(self, limit: int = 100) -> Sequence[dict[str, Any]]:
-        with self.transaction() as session:
-            rows = session.scalars(select(AuditEvent).order_by(AuditEvent.id.desc()).limit(limit))
-            return [
-                {
-                    "id": r.id,
-                    "time": r.time.isoformat(),
-                    "actor": r.actor,
-                    "action": r.action,
-                    "subject": r.subject,
-                    "outcome": r.outcome,
-                    "detail": json.loads(r.detail),
-                }
-                for r in rows
-            ]
+        """The newest records, newest first."""
+        with _database_errors(), self.engine.connect() as connection:
+            return [r.to_json() for r in audit.newest(connection, limit)]
 
 
 def rowcount(result: Any) -> int:
     """Rows an UPDATE/DELETE touched (a CursorResult's rowcount; typed loosely upstream)."""
     return int(result.rowcount)
-
-
-def _audit_values(
-    time: datetime.datetime,
-    actor: str,
-    action: str,
-    subject: str,
-    outcome: str,
-    detail: dict[str, Any],
-) -> dict[str, Any]:
-    return {
-        "time": time,
-        "actor": actor[:128],
-        "action": action,
-        "subject": subject[:256],
-        "outcome": outcome,
-        "detail": json.dumps(detail, sort_keys=True, default=str),
-    }
 
 
 @contextmanager

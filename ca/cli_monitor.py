@@ -1,0 +1,9 @@
+"""`certwright audit` (findings) and `certwright monitor` (expiry alerts)."""
+
+from __future__ import annotations
+
+import click
+
+
+def register(main: click.Group) -> None:
+    """Add this module's commands to the `certwright` group."""
