@@ -687,20 +687,6 @@ def eab_create(
         click.echo(f"key id:   {key.key_id}\nhmac key: {hmac_b64}")
 
 
-@main.command("audit-log")
-@click.option("--limit", type=int, default=50, show_default=True)
-@click.option("--json", "as_json", is_flag=True)
-@with_runtime
-def audit_log(runtime: Runtime, limit: int, as_json: bool) -> None:
-    """The newest audit events."""
-    events = runtime.storage.audit_events(limit)
-    if as_json:
-        _echo_json(list(events))
-        return
-    for e in events:
-        click.echo(f"{e['time']}  {e['actor']:16} {e['action']:22} {e['outcome']:8} {e['subject']}")
-
-
 def _register_subcommands() -> None:
     from ca import cli_audit, cli_discovery, cli_inventory, cli_monitor, cli_revocation
 
