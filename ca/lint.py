@@ -87,6 +87,41 @@ def _memoize_dispatch(container: Any) -> Any:
     return container
 
 
+_DECODE_CACHE_MAX_BYTES = 512
+_DECODE_CACHE_ENTRIES = 4096
+
+
+@functools.cache
+def _cache_small_decodes() -> None:
+    """Decode each small DER value (an extension, a name attribute, key parameters) once.
+
+    Certificates from one issuer and profile carry byte-identical AIA, CRL distribution point,
+    AKI, EKU, KeyUsage and BasicConstraints values, and pkilint decodes each of them into a
+    pyasn1 object on every lint: a third of the decoding time. pkilint's nodes only read the
+    decoded objects, so the same object can back the nodes of many documents. Whole documents
+    and large values are decoded every time; the cache is cleared when it fills. Runs under
+    `_lock`, like every lint.
+    """
+    from pkilint import document
+
+    original = document.decode_der
+    cache: dict[tuple[bytes, int], Any] = {}
+
+    def decode_der(substrate: Any, asn1Spec: Any = None) -> Any:
+        if len(substrate) > _DECODE_CACHE_MAX_BYTES:
+            return original(substrate, asn1Spec=asn1Spec)
+        key = (bytes(substrate), id(asn1Spec))
+        decoded = cache.get(key)
+        if decoded is None:
+            decoded = original(substrate, asn1Spec=asn1Spec)
+            if len(cache) >= _DECODE_CACHE_ENTRIES:
+                cache.clear()
+            cache[key] = decoded
+        return decoded
+
+    document.decode_der = decode_der
+
+
 @dataclasses.dataclass(frozen=True)
 class Finding:
     severity: str  # "FATAL" | "ERROR" | "WARNING" | "NOTICE" | "INFO"
@@ -273,6 +308,7 @@ def _load(
 
 def warm_up() -> None:
     """Build the validator trees now rather than on the first request."""
+    _cache_small_decodes()
     _certificate_validator()
     _crl_validator(False, False)
     _ocsp_validator()
@@ -281,6 +317,7 @@ def warm_up() -> None:
 def lint_certificate(der: bytes) -> list[Finding]:
     """RFC 5280 certificate lint (pkilint's `lint_pkix_cert`)."""
     with _lock:
+        _cache_small_decodes()
         validator = _certificate_validator()
         document = _load("RFC5280CertificateDocumentLoader", der, "certificate")
         return _findings(validator.validate(document.root))

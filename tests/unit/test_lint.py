@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+from unittest import mock
 
 import pytest
 from cryptography import x509
@@ -20,9 +21,12 @@ RSA_KEY = rsa.generate_private_key(65537, 2048)
 
 
 def _stock_findings(der: bytes) -> list[lint.Finding]:
-    """pkilint's lint_pkix_cert exactly as its command-line tool builds it, unmodified."""
+    """pkilint's lint_pkix_cert exactly as its command-line tool builds it, unmodified (also
+    without our cache of small decodes)."""
+    from pkilint import document as pkilint_document
     from pkilint import loader
     from pkilint.pkix import certificate, extension, name
+    from pyasn1_fasder import decode_der
 
     validator = certificate.create_pkix_certificate_validator_container(
         certificate.create_decoding_validators(
@@ -36,8 +40,9 @@ def _stock_findings(der: bytes) -> list[lint.Finding]:
             certificate.create_spki_validator_container([]),
         ],
     )
-    document = loader.RFC5280CertificateDocumentLoader().load_der_document(der, "certificate")
-    return lint._findings(validator.validate(document.root))
+    with mock.patch.object(pkilint_document, "decode_der", decode_der):
+        document = loader.RFC5280CertificateDocumentLoader().load_der_document(der, "certificate")
+        return lint._findings(validator.validate(document.root))
 
 
 def _builder(names: list[x509.GeneralName], subject: str | None) -> x509.CertificateBuilder:
