@@ -46,6 +46,7 @@ from ca.storage.acme_store import (
     NewAuthorization,
     Order,
 )
+from ca.storage.inventory import mark_ari_checked
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,17 @@ SUBSCRIBER_REASONS = frozenset({0, 1, 3, 4, 5})
 # CAA must be rechecked at issuance when the validation is older than this (CA/B BR 3.2.2.8).
 CAA_RECHECK_AFTER = datetime.timedelta(hours=8)
 STALE_CHALLENGE_AFTER = datetime.timedelta(minutes=2)
+
+
+def _object_id_ok(value: str) -> bool:
+    """Order, authorization and challenge ids are `secrets.token_urlsafe` strings. Anything
+    else is refused before the database sees it: PostgreSQL rejects a NUL in text, which
+    would otherwise surface as a storage outage (503) for a hostile URL."""
+    return (
+        0 < len(value) <= 64
+        and value.isascii()
+        and value.replace("-", "").replace("_", "").isalnum()
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,6 +158,9 @@ class AcmeService:
         self.clock = runtime.clock
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._executor_lock = threading.Lock()
+        # Orders whose failed finalize could not be written back (the database was down):
+        # order id -> (problem, back to ready). Settled on the next request for the order.
+        self._unsettled: dict[str, tuple[dict[str, Any], bool]] = {}
 
     @property
     def authority(self) -> Any:
@@ -204,7 +219,19 @@ class AcmeService:
                     return None  # unknown, or already bound to another account
                 return key.hmac_key
 
-            eab_key_id = jws.verify_eab(jwk, binding, url, lookup)
+            try:
+                eab_key_id = jws.verify_eab(jwk, binding, url, lookup)
+            except AcmeProblem as problem:
+                # A bad binding is a failed authentication: recorded, best effort.
+                with contextlib.suppress(CAError):
+                    self.runtime.storage.audit(
+                        f"acme:{ip}",
+                        "acme.authenticate",
+                        "externalAccountBinding",
+                        "refused",
+                        {"type": problem.type, "detail": problem.detail},
+                    )
+                raise
         elif self.settings.external_account_required:
             raise problems.external_account_required(
                 "this server requires an external account binding (certwright eab create)"
@@ -418,7 +445,7 @@ class AcmeService:
             raise problems.already_replaced("another order already replaces that certificate")
 
     def order_for(self, account: Account, order_id: str) -> Order:
-        order = self.store.order(order_id)
+        order = self.store.order(order_id) if _object_id_ok(order_id) else None
         if order is None or order.account_id != account.id:
             raise problems.not_found("no such order for this account")
         return order
@@ -434,7 +461,7 @@ class AcmeService:
     # -- authorizations and challenges (§7.5) ------------------------------------------------
 
     def authorization_for(self, account: Account, authz_id: str) -> Authorization:
-        authz = self.store.authorization(authz_id)
+        authz = self.store.authorization(authz_id) if _object_id_ok(authz_id) else None
         if authz is None or authz.account_id != account.id:
             raise problems.not_found("no such authorization for this account")
         return authz
@@ -446,7 +473,7 @@ class AcmeService:
         return self.authorization_for(account, authz_id)
 
     def challenge_for(self, account: Account, challenge_id: str) -> tuple[Challenge, Authorization]:
-        challenge = self.store.challenge(challenge_id)
+        challenge = self.store.challenge(challenge_id) if _object_id_ok(challenge_id) else None
         if challenge is None:
             raise problems.not_found("no such challenge")
         authz = self.authorization_for(account, challenge.authorization_id)
@@ -574,6 +601,11 @@ class AcmeService:
         account_uri: str | None = None,
     ) -> Order:
         order = self.order_for(account, order_id)
+        unsettled = self._unsettled.pop(order.id, None)
+        if unsettled is not None and order.status == "processing":
+            # A finalize of this process failed while the database was down; write back now.
+            self.store.fail_order(order.id, unsettled[0], back_to_ready=unsettled[1])
+            order = self.order_for(account, order_id)
         if order.status in ("processing", "valid"):
             return order
         if order.status != "ready":
@@ -583,7 +615,7 @@ class AcmeService:
             raise problems.malformed("finalize needs a csr")
         try:
             csr = x509.load_der_x509_csr(jws.b64url_decode(csr_b64))
-        except (ValueError, AcmeProblem):
+        except (ValueError, x509.InvalidVersion, AcmeProblem):  # InvalidVersion: not ValueError
             raise problems.bad_csr("the CSR is not a DER PKCS#10 request") from None
         try:
             policy.check_csr_signature(csr)
@@ -649,9 +681,12 @@ class AcmeService:
                 Kind.CONFLICT,
             )
             problem = problem_for(exc)
-            # If even this fails the order stays processing; nothing was released.
-            with contextlib.suppress(CAError):
+            try:
                 self.store.fail_order(order.id, problem.to_json(), back_to_ready=transient)
+            except CAError:
+                # The order stays processing (nothing was released) until the next finalize
+                # of it reaches this process with the database back.
+                self._unsettled[order.id] = (problem.to_json(), transient)
             raise problem from None
         self.store.complete_order(order.id, issued.record.serial)
         return self.order_for(account, order_id)
@@ -703,7 +738,7 @@ class AcmeService:
         try:
             der = jws.b64url_decode(cert_b64)
             certificate = x509.load_der_x509_certificate(der)
-        except (ValueError, AcmeProblem):
+        except (ValueError, x509.InvalidVersion, AcmeProblem):  # InvalidVersion: not ValueError
             raise problems.malformed("the certificate is not DER") from None
         reason = payload.get("reason", 0)
         if (
@@ -752,6 +787,12 @@ class AcmeService:
         if bytes.fromhex(issuer.ski) != aki or record.der is None:
             raise problems.not_found("no such certificate")
         now = self.clock.now()
+        try:  # inventory: the last time a client asked; never fails the request
+            mark_ari_checked(self.runtime.storage, record.serial, now)
+        except Exception:
+            log.warning(
+                "could not record the renewalInfo check of %s", record.serial, exc_info=True
+            )
         lifetime = record.not_after - record.not_before
         if record.status == "revoked":
             # §4.2: a window in the past asks for renewal now.

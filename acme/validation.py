@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import enum
+import functools
 import hashlib
 import hmac
 import http.client
@@ -23,10 +24,10 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Literal, TypeAlias
+from typing import Literal, ParamSpec, TypeAlias, TypeVar
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import dns.exception
@@ -37,6 +38,8 @@ import dns.resolver
 import dns.rrset
 from cryptography import x509
 from cryptography.x509.oid import ObjectIdentifier
+
+from ca import metrics
 
 __all__ = [
     "ACME_TLS_1_PROTOCOL",
@@ -77,6 +80,32 @@ _USER_AGENT = "certwright-validator"
 # RFC 8555 §8.3: the token is base64url; anything else must never reach a URL path.
 _TOKEN_RE = re.compile(r"[A-Za-z0-9_-]+")
 _LABEL_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _counted(challenge_type: str) -> Callable[[Callable[_P, _R]], Callable[_P, _R]]:
+    """Count each validation's outcome in `certwright_acme_validations_total`."""
+
+    def decorate(validate: Callable[_P, _R]) -> Callable[_P, _R]:
+        @functools.wraps(validate)
+        def counted(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+            outcome = "error"
+            try:
+                result = validate(*args, **kwargs)
+                outcome = "valid"
+                return result
+            except ValidationError:
+                outcome = "invalid"
+                raise
+            finally:
+                metrics.ACME_VALIDATIONS.labels(challenge_type, outcome).inc()
+
+        return counted
+
+    return decorate
 
 
 class ValidationError(Exception):
@@ -577,6 +606,7 @@ def _fetch(
         )
 
 
+@_counted("http-01")
 def validate_http01(
     identifier_type: IdentifierType,
     identifier_value: str,
@@ -627,6 +657,7 @@ def _check_key_authorization(body: bytes, key_authorization: str, url: str) -> N
 # --- dns-01 (RFC 8555 §8.4) -----------------------------------------------------------------
 
 
+@_counted("dns-01")
 def validate_dns01(
     name: str, key_authorization: str, cfg: ValidationConfig
 ) -> tuple[ValidationRecord, ...]:
@@ -758,6 +789,7 @@ def _same_general_name(name: x509.GeneralName, expected: x509.DNSName | x509.IPA
     return isinstance(name, x509.IPAddress) and name.value == expected.value
 
 
+@_counted("tls-alpn-01")
 def validate_tls_alpn01(
     identifier_type: IdentifierType,
     identifier_value: str,

@@ -182,21 +182,45 @@ def blueprint(runtime: Runtime) -> Blueprint:
         if parsed.kid is not None:
             prefix = f"{base()}/acct/"
             account_id = parsed.kid[len(prefix) :] if parsed.kid.startswith(prefix) else ""
-            if not account_id.isdigit():
-                raise problems.account_does_not_exist("kid is not an account URL of this server")
+            # The account URL as this server spells it: ASCII digits (str.isdigit() admits
+            # "²", which int() refuses), no leading zero, at most 18 (a 64-bit integer).
+            if (
+                not (account_id.isascii() and account_id.isdigit())
+                or account_id.startswith("0")
+                or len(account_id) > 18
+            ):
+                problem = problems.account_does_not_exist("kid is not an account URL here")
+                raise auth_failed(problem, parsed.kid)
             account = service().store.account(int(account_id))
             if account is None:
-                raise problems.account_does_not_exist("no such account")
+                raise auth_failed(problems.account_does_not_exist("no such account"), parsed.kid)
             key = jws.account_key_from_jwk(account.jwk)
         else:
             assert parsed.jwk is not None
             key = jws.account_key_from_jwk(parsed.jwk)
-        jws.verify_signature(parsed, key)
+        try:
+            jws.verify_signature(parsed, key)
+        except AcmeProblem as bad_signature:
+            raise auth_failed(bad_signature, parsed.kid or "jwk") from None
         if not service().store.consume_nonce(parsed.nonce, _minutes(NONCE_LIFETIME_MINUTES)):
             raise problems.bad_nonce("JWS anti-replay nonce is invalid, expired or already used")
         if account is not None and account.status != "valid":
-            raise problems.account_deactivated(f"account is {account.status}")
+            deactivated = problems.account_deactivated(f"account is {account.status}")
+            raise auth_failed(deactivated, account_url(account.id))
         return parsed, account
+
+    def auth_failed(problem: AcmeProblem, subject: str) -> AcmeProblem:
+        """A failed authentication goes to the audit log (it may be an attack), best effort:
+        the client's answer does not depend on the database taking the record."""
+        with contextlib.suppress(CAError):
+            runtime.storage.audit(
+                f"acme:{request.remote_addr}",
+                "acme.authenticate",
+                subject,
+                "refused",
+                {"type": problem.type, "detail": problem.detail, "path": request.path},
+            )
+        return problem
 
     def account_json(account: Account) -> dict[str, Any]:
         body: dict[str, Any] = {

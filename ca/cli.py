@@ -434,6 +434,7 @@ def _identifiers(names: Sequence[str]) -> tuple[policy.Identifier, ...]:
 @click.option("--days", type=float, help="Validity in days (default: the profile's).")
 @click.option("--issuer", help="Intermediate to sign with (default: the profile's or config's).")
 @click.option("--owner", help="Team or person who owns the certificate.")
+@click.option("--tag", "tags", multiple=True, help="Inventory tag (repeatable).")
 @click.option(
     "--out",
     "out_path",
@@ -456,11 +457,15 @@ def issue(
     days: float | None,
     issuer: str | None,
     owner: str | None,
+    tags: tuple[str, ...],
     out_path: str | None,
     out_dir: str | None,
     as_json: bool,
 ) -> None:
     """Issue a certificate from a CSR, or for --name with a key generated here."""
+    from ca.storage.inventory import validate_tags
+
+    tags = validate_tags(tags)
     validity = datetime.timedelta(days=days) if days is not None else None
     if bool(csr_path) == bool(names):
         raise click.UsageError("give either --csr FILE or at least one --name")
@@ -472,7 +477,13 @@ def issue(
         except OSError as exc:
             raise CAError(Kind.BAD_REQUEST, f"cannot read {csr_path}: {exc.strerror}") from None
         issued = authority.issue_from_csr(
-            data, profile, validity=validity, issuer=issuer, owner=owner, source=_actor()
+            data,
+            profile,
+            validity=validity,
+            issuer=issuer,
+            owner=owner,
+            source=_actor(),
+            tags=tags,
         )
         if out_path:
             _write(Path(out_path), issued.fullchain_pem().encode())
@@ -491,6 +502,7 @@ def issue(
             issuer=issuer,
             owner=owner,
             source=_actor(),
+            tags=tags,
         )
         authority.check(request)  # refuse before creating files for a request that cannot pass
         issued = authority.issue(request)
@@ -630,9 +642,18 @@ def show(runtime: Runtime, serial: str, as_json: bool, pem: bool) -> None:
 @click.option("--listen", help="host:port of the plain-HTTP listener (server.http_listen).")
 @click.option("--https-listen", help="host:port of the ACME HTTPS listener (server.https_listen).")
 @click.option("--workers", type=int, help="gunicorn workers per listener (server.workers).")
+@click.option(
+    "--gunicorn-config",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="gunicorn settings file for both listeners (see config/gunicorn.conf.py).",
+)
 @click.pass_context
 def serve(
-    ctx: click.Context, listen: str | None, https_listen: str | None, workers: int | None
+    ctx: click.Context,
+    listen: str | None,
+    https_listen: str | None,
+    workers: int | None,
+    gunicorn_config: Path | None,
 ) -> None:
     """Serve ACME over HTTPS and OCSP/CRLs over HTTP under gunicorn."""
     from ca.server import serve as run_server
@@ -640,12 +661,14 @@ def serve(
     config = load_config(ctx.obj.get("config_path"))
     runtime = Runtime(config)
     runtime.storage.migrate()  # once, here, rather than racing in every worker
+    runtime.record_config(_actor())  # a changed configuration or profile is on record
     runtime.close()
     run_server(
         config,
         listen or str(config.get("server", "http_listen")),
         https_listen or str(config.get("server", "https_listen")),
         workers or int(config.get("server", "workers")),
+        gunicorn_config,
     )
 
 

@@ -234,11 +234,47 @@ def sign_shard(
 ) -> SignedCrl | None:
     """Sign and store the next CRL of one shard; None when another process already did.
 
-    On a CRL number collision (another process stored it first) the shard is re-read: if the
-    winner's CRL makes ours unnecessary we stop, otherwise we sign the next number.
+    The shard's signing lock (`store.crl_signing_lock`) makes signers of one shard take turns:
+    under it the shard is re-read, and if another process's CRL makes ours unnecessary we stop
+    before signing. Should a number still collide (SQLite takes no lock), the shard is re-read
+    the same way and the next number signed only if still needed.
     """
     issuer_id = issuer.record.id
     url = certs.crl_url(public_base_url.rstrip("/"), issuer_id, shard)
+    with store.crl_signing_lock(storage, issuer_id, shard):
+        latest = store.latest_crls(storage, issuer_id).get(shard)
+        if (latest.number if latest else 0) != (previous.number if previous else 0):
+            previous, prefetched = latest, None  # another process signed while we waited
+            if not needed(previous):
+                return None
+        return _sign_and_store(
+            storage,
+            issuer,
+            shard,
+            url=url,
+            settings=settings,
+            clock=clock,
+            actor=actor,
+            previous=previous,
+            needed=needed,
+            prefetched=prefetched,
+        )
+
+
+def _sign_and_store(
+    storage: Storage,
+    issuer: _Issuer,
+    shard: int,
+    *,
+    url: str,
+    settings: CrlSettings,
+    clock: Clock,
+    actor: str,
+    previous: store.CrlMeta | None,
+    needed: Callable[[store.CrlMeta | None], bool],
+    prefetched: list[store.RevokedEntry] | None,
+) -> SignedCrl | None:
+    issuer_id = issuer.record.id
     for _ in range(_PUBLISH_ATTEMPTS):
         now = clock.now()
         number, this_update = next_number_and_time(previous, now)

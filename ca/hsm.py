@@ -68,6 +68,10 @@ _RSA_MECHANISMS = {
 
 _libraries: dict[str, Any] = {}
 _libraries_lock = threading.Lock()
+# Bumped by each re-initialisation of a module: sessions opened before it are gone.
+_generations: dict[str, int] = {}
+# Modules a login failed on: initialised anew before the next login (see `_reinitialize`).
+_stale: set[str] = set()
 
 
 def _library(module: str) -> Any:
@@ -83,6 +87,24 @@ def _library(module: str) -> Any:
                 raise CAError(Kind.HSM, f"cannot load PKCS#11 module {module!r}: {exc}") from None
             _libraries[module] = lib
         return lib
+
+
+def _reinitialize(module: str) -> None:
+    """C_Finalize + C_Initialize, after a session could not be opened.
+
+    SoftHSM reads its token directory and the PINs' verifiers only at C_Initialize: a token
+    that was removed and is back, or a PIN that was changed and restored, is seen again only
+    by a library initialised anew. Every session of the module dies with it, so each Token
+    reopens on its next call (see `_generations`). No extra login attempt is made here.
+    """
+    with _libraries_lock:
+        _stale.discard(module)
+        lib = _libraries.get(module)
+        if lib is None:
+            return
+        with contextlib.suppress(p11err.PKCS11Error, RuntimeError):
+            lib.reinitialize()
+        _generations[module] = _generations.get(module, 0) + 1
 
 
 def _hsm_error(action: str, exc: Exception) -> CAError:
@@ -109,6 +131,7 @@ class Token:
         self._pin = pin
         self._session: Any = None
         self._pid = 0
+        self._generation = 0
         self._lock = threading.RLock()
 
     def __repr__(self) -> str:  # never show the PIN
@@ -116,8 +139,16 @@ class Token:
 
     def _open(self) -> Any:
         lib = _library(self.module)
+        if self.module in _stale:
+            _reinitialize(self.module)
         try:
-            token = lib.get_token(token_label=self.label)
+            try:
+                token = lib.get_token(token_label=self.label)
+            except p11err.PKCS11Error:
+                # Not found, or the library lost it (removed, then back): look once more in
+                # a library initialised anew. Finding a token logs into nothing.
+                _reinitialize(self.module)
+                token = lib.get_token(token_label=self.label)
         except p11err.NoSuchToken:
             raise CAError(Kind.HSM, f"HSM token {self.label!r} not found") from None
         except p11err.PKCS11Error as exc:
@@ -129,13 +160,17 @@ class Token:
             # already logged in, so a new session shares that login.
             return token.open(rw=True)
         except p11err.PKCS11Error as exc:
+            _stale.add(self.module)  # a PIN changed back is read at the next initialisation
             raise _hsm_error(f"login to HSM token {self.label!r}", exc) from None
 
     def session(self) -> Any:
         with self._lock:
-            if self._session is None or self._pid != os.getpid():
+            generation = _generations.get(self.module, 0)
+            if self._session is None or self._pid != os.getpid() or self._generation != generation:
+                self._session = None
                 self._session = self._open()
                 self._pid = os.getpid()
+                self._generation = _generations.get(self.module, 0)
             return self._session
 
     def reset(self) -> None:

@@ -19,6 +19,7 @@ import dataclasses
 import datetime
 import gc
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -26,13 +27,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from ca import certs, lint, policy
+from ca import certs, lint, metrics, policy
 from ca.clock import Clock, SystemClock
 from ca.errors import CAError, Kind
 from ca.hsm import HsmPrivateKey, Token, signature_hash
 from ca.policy import Identifier, PublicKey
 from ca.profiles import EKU_OIDS, Profile
 from ca.storage import CertificateRecord, IssuerRecord, Reservation, Storage
+from ca.storage.inventory import validate_tags
 
 # Leaf certificates start this far in the past so a relying party whose clock is slightly
 # behind does not reject a certificate that was just issued.
@@ -53,6 +55,7 @@ class IssuanceRequest:
     source: str = "cli"  # who asked: "cli:<user>", "acme:<account URL>", ...
     acme_account_id: int | None = None
     replaces: str | None = None  # serial of the certificate this one renews (lineage)
+    tags: tuple[str, ...] = ()  # inventory labels (ca.storage.inventory.validate_tag)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,6 +268,7 @@ class CertificateAuthority:
         issuer: str | None = None,
         owner: str | None = None,
         source: str = "cli",
+        tags: tuple[str, ...] = (),
     ) -> IssuedCertificate:
         """Parse and check a PKCS#10 request, then issue through `issue`."""
         try:
@@ -288,6 +292,7 @@ class CertificateAuthority:
                 issuer=issuer,
                 owner=owner,
                 source=source,
+                tags=tags,
             )
         )
 
@@ -360,12 +365,15 @@ class CertificateAuthority:
                     "certificate",
                 )
             except CAError as exc:
+                metrics.LINT_REFUSED.labels(profile.name).inc()
                 self._mark_failed_quietly(certificate_id, str(exc), request.source)
                 raise
 
         # Step 4: sign in the HSM.
         try:
+            started = time.perf_counter()
             certificate = self._sign(builder, issuer, algorithm)
+            metrics.HSM_SIGN_SECONDS.labels(issuer.record.id).observe(time.perf_counter() - started)
         except CAError as exc:
             self._mark_failed_quietly(certificate_id, str(exc), request.source)
             raise
@@ -374,6 +382,7 @@ class CertificateAuthority:
         record = self.storage.record_certificate(
             certificate_id, certificate.public_bytes(serialization.Encoding.DER), request.source
         )
+        metrics.ISSUED.labels(issuer.record.id, profile.name).inc()
         return IssuedCertificate(record, certificate, (issuer.certificate, *issuer.chain))
 
     def _sign(
@@ -426,6 +435,7 @@ class CertificateAuthority:
                         source=request.source,
                         acme_account_id=request.acme_account_id,
                         replaces=request.replaces,
+                        tags=validate_tags(request.tags) if request.tags else (),
                     )
                 )
             except CAError as exc:
@@ -484,6 +494,7 @@ class CertificateAuthority:
         )
 
     def _refused(self, actor: str, subject: str, exc: CAError) -> None:
+        metrics.REFUSED.labels(exc.rule or exc.kind.value).inc()
         # The refusal stands even when the database cannot note it.
         with contextlib.suppress(CAError):
             self.storage.audit(

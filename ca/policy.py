@@ -57,7 +57,7 @@ def parse_csr(data: bytes) -> x509.CertificateSigningRequest:
         if data.lstrip().startswith(b"-----BEGIN"):
             return x509.load_pem_x509_csr(data)
         return x509.load_der_x509_csr(data)
-    except ValueError:
+    except (ValueError, x509.InvalidVersion):  # InvalidVersion is no ValueError
         raise refuse(
             "csr.parse", "the CSR is neither a PEM nor a DER PKCS#10 request", Kind.BAD_CSR
         ) from None
@@ -79,7 +79,8 @@ def check_csr_signature(csr: x509.CertificateSigningRequest) -> None:
         )
     try:
         valid = csr.is_signature_valid
-    except UnsupportedAlgorithm:
+    except (UnsupportedAlgorithm, ValueError):
+        # ValueError: a public key cryptography cannot load (a point off its curve).
         valid = False
     if not valid:
         raise refuse("csr.signature", "the CSR's signature does not verify", Kind.BAD_CSR)
@@ -155,7 +156,10 @@ def csr_identifiers(csr: x509.CertificateSigningRequest) -> tuple[Identifier, ..
     except ValueError:
         raise refuse("csr.parse", "the CSR's extensions cannot be parsed", Kind.BAD_CSR) from None
     identifiers = [Identifier("dns", d) for d in dns] + [Identifier("ip", i) for i in ips]
-    common_names = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    try:
+        common_names = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    except ValueError:  # e.g. a UTF8String that is not UTF-8
+        raise refuse("csr.parse", "the CSR's subject cannot be parsed", Kind.BAD_CSR) from None
     for attribute in common_names:
         cn = str(attribute.value)
         if not any(normalize(i) == normalize(_guess_identifier(cn)) for i in identifiers):

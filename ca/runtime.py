@@ -7,6 +7,11 @@ a forked server worker opens its own PKCS#11 session (DESIGN.md §6).
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
+from typing import Any
+
+from sqlalchemy.engine import make_url
 
 from ca.clock import Clock, SystemClock
 from ca.config import Config
@@ -62,6 +67,40 @@ class Runtime:
             clock=self.clock,
             lint_enabled=bool(self.config.get("ca", "lint")),
         )
+
+    def effective_settings(self) -> dict[str, Any]:
+        """The configuration in force (profiles included), without secrets: what a
+        `config.change` audit record describes."""
+        values = {section: dict(keys) for section, keys in self.config.values.items()}
+        database = dict(values["database"])
+        database["url"] = make_url(str(database["url"])).render_as_string(hide_password=True)
+        values["database"] = database
+        values["profiles"] = {name: p.to_json() for name, p in sorted(self.profiles.items())}
+        return values
+
+    def record_config(self, actor: str) -> bool:
+        """Append a `config.change` audit record when the settings in force differ from the
+        last recorded ones (the first start records them all). True when one was written."""
+        settings = json.loads(json.dumps(self.effective_settings(), sort_keys=True, default=str))
+        digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+        previous = self.storage.last_audit_detail("config.change")
+        if previous is not None and previous.get("sha256") == digest:
+            return False
+        before = previous.get("settings", {}) if previous else {}
+        changed = sorted(
+            f"{section}.{key}"
+            for section in set(before) | set(settings)
+            for key in set(before.get(section, {})) | set(settings.get(section, {}))
+            if before.get(section, {}).get(key) != settings.get(section, {}).get(key)
+        )
+        self.storage.audit(
+            actor,
+            "config.change",
+            str(self.config.path or "defaults"),
+            "success",
+            {"sha256": digest, "changed": changed, "settings": settings},
+        )
+        return True
 
     def close(self) -> None:
         if "token" in self.__dict__:

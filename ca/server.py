@@ -24,6 +24,7 @@ import io
 import logging
 import multiprocessing
 import os
+import runpy
 import signal
 import ssl
 import sys
@@ -40,6 +41,7 @@ from gunicorn.app.base import BaseApplication  # type: ignore[import-untyped]
 from gunicorn.glogging import Logger  # type: ignore[import-untyped]
 from gunicorn.workers import SUPPORTED_WORKERS  # type: ignore[import-untyped]
 
+from ca import metrics
 from ca.config import Config
 from ca.errors import CAError, Kind
 from ca.issuance import IssuanceRequest
@@ -52,16 +54,69 @@ JOB_INTERVAL_SECONDS = 30.0
 ASGI_WORKER = "asgi" in SUPPORTED_WORKERS  # gunicorn >= 25
 
 
+# What makes each listener what it is: a gunicorn configuration file cannot change these.
+_LISTENER_SETTINGS = frozenset(
+    {
+        "bind",
+        "certfile",
+        "keyfile",
+        "ssl_context",
+        "worker_class",
+        "threads",
+        "logger_class",
+        "preload_app",
+        "child_exit",
+        "asgi_lifespan",
+        "control_socket_disable",
+    }
+)
+
+
+def gunicorn_file_settings(path: Path) -> dict[str, Any]:
+    """The settings of a gunicorn configuration file (`config/gunicorn.conf.py`, gunicorn's own
+    Python format) that apply to both listeners: workers, timeouts, keep-alive, max_requests,
+    logging and the like. Names gunicorn does not know are ignored, as gunicorn does; binds, TLS
+    and worker classes stay certwright's. A file gunicorn would refuse is a CONFIG error."""
+    from gunicorn.config import Config as GunicornConfig  # type: ignore[import-untyped]
+
+    try:
+        values = runpy.run_path(str(path))
+    except OSError as exc:
+        raise CAError(Kind.CONFIG, f"cannot read {path}: {exc.strerror}") from None
+    except Exception as exc:  # the file is code: any error in it is the operator's to fix
+        raise CAError(Kind.CONFIG, f"{path}: {type(exc).__name__}: {exc}") from None
+    check = GunicornConfig()
+    settings = {}
+    for key, value in values.items():
+        if key in check.settings and key not in _LISTENER_SETTINGS:
+            try:
+                check.set(key, value)
+            except Exception as exc:
+                raise CAError(Kind.CONFIG, f"{path}: invalid {key}: {exc}") from None
+            settings[key] = value
+    return settings
+
+
 class _Application(BaseApplication):  # type: ignore[misc]  # gunicorn ships no type hints
-    def __init__(self, config: Config, listener: str, options: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        config: Config,
+        listener: str,
+        options: dict[str, Any],
+        gunicorn_config: Path | None = None,
+    ) -> None:
         self._config = config
         self._listener = listener
         self._options = options
+        self._gunicorn_config = gunicorn_config
         super().__init__()
 
     def load_config(self) -> None:
         for key, value in self._options.items():
             self.cfg.set(key, value)
+        if self._gunicorn_config is not None:
+            for key, value in gunicorn_file_settings(self._gunicorn_config).items():
+                self.cfg.set(key, value)
         if "control_socket_disable" in self.cfg.settings:
             # gunicorn >= 27 opens a control socket at one per-user path: two listeners (or
             # two servers on a host) would fight over it.
@@ -72,6 +127,11 @@ class _Application(BaseApplication):  # type: ignore[misc]  # gunicorn ships no 
 
         # Runs in each worker after fork: the runtime, and with it the HSM session, is the
         # worker's own.
+        # The HTTPS arbiter is the parent of the HTTP and jobs children; a worker forked from
+        # it inherits that list, and multiprocessing's exit handler would try to join them in
+        # the worker ("can only join a child process"). Forget them, as multiprocessing does
+        # in the children it starts itself.
+        getattr(multiprocessing.process, "_children", set()).clear()
         runtime = Runtime(self._config)
         app = create_app(runtime, self._listener)
         if self._listener == "https":
@@ -199,6 +259,7 @@ def _gunicorn_options(listen: str, workers: int, listener: str = "https") -> dic
         "loglevel": "info",
         "timeout": 60,
         "preload_app": False,
+        "child_exit": metrics.worker_exit,
     }
     if listener == "https" and ASGI_WORKER:
         # ACME clients send several requests in a row; with keep-alive they pay one TLS
@@ -361,12 +422,25 @@ def _jobs_main(config: Config, https_listen: str) -> None:
     runtime.close()
 
 
-def _http_main(config: Config, listen: str, workers: int) -> None:
-    _Application(config, "http", _gunicorn_options(listen, workers, "http")).run()
+def _http_main(
+    config: Config, listen: str, workers: int, gunicorn_config: Path | None = None
+) -> None:
+    options = _gunicorn_options(listen, workers, "http")
+    _Application(config, "http", options, gunicorn_config).run()
 
 
-def serve(config: Config, http_listen: str, https_listen: str, workers: int) -> None:
+def serve(
+    config: Config,
+    http_listen: str,
+    https_listen: str,
+    workers: int,
+    gunicorn_config: Path | None = None,
+) -> None:
+    if gunicorn_config is not None:
+        gunicorn_file_settings(gunicorn_config)  # a bad file fails here, in one line
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Before any process that counts starts: they all write to this (emptied) directory.
+    metrics.enable_multiprocess(config.data_dir / "metrics")
     spawn = multiprocessing.get_context("spawn")
     maker = spawn.Process(target=ensure_server_certificate, args=(config, https_listen))
     maker.start()
@@ -378,7 +452,9 @@ def serve(config: Config, http_listen: str, https_listen: str, workers: int) -> 
             "could not issue the HTTPS listener's certificate (see the log above)",
         )
     children = [
-        spawn.Process(target=_http_main, args=(config, http_listen, workers), name="http"),
+        spawn.Process(
+            target=_http_main, args=(config, http_listen, workers, gunicorn_config), name="http"
+        ),
         spawn.Process(target=_jobs_main, args=(config, https_listen), name="jobs"),
     ]
     for child in children:
@@ -394,7 +470,7 @@ def serve(config: Config, http_listen: str, https_listen: str, workers: int) -> 
     options.update(certfile=str(path), keyfile=None, ssl_context=_ReloadingContext(path))
     arbiter = os.getpid()
     try:
-        _Application(config, "https", options).run()
+        _Application(config, "https", options, gunicorn_config).run()
     finally:
         # gunicorn forks its workers inside run(): a worker leaving run() must not touch the
         # arbiter's children (it is not their parent).

@@ -12,6 +12,7 @@ middleware.
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -19,11 +20,15 @@ from flask import Blueprint, Response, request
 from werkzeug.routing import BaseConverter
 from werkzeug.wsgi import get_content_length, get_input_stream
 
+from ca import metrics
 from ca.ocsp_signing import OcspSigner, settings_from_config
 from ocsp.responder import (
     CONTENT_TYPE,
+    INTERNAL_ERROR,
     MALFORMED,
     MAX_REQUEST_OCTETS,
+    TRY_LATER,
+    UNAUTHORIZED,
     Answer,
     Responder,
     guarded,
@@ -32,6 +37,21 @@ from ocsp.responder import (
 WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 # Request headers that make a GET conditional (RFC 9110 §13): answered by werkzeug's rules.
 _CONDITIONAL = ("HTTP_IF_NONE_MATCH", "HTTP_IF_MODIFIED_SINCE", "HTTP_IF_MATCH")
+
+
+# The unsuccessful answers are shared constants: telling them apart costs a dict look-up.
+_OUTCOMES = {
+    id(MALFORMED): "malformed",
+    id(UNAUTHORIZED): "unauthorized",
+    id(TRY_LATER): "try_later",
+    id(INTERNAL_ERROR): "internal_error",
+}
+
+
+def _observe(method: str, answer: Answer, started: float) -> None:
+    latency, requests = metrics.ocsp_series(method, _OUTCOMES.get(id(answer), "answered"))
+    latency.observe(time.perf_counter() - started)
+    requests.inc()
 
 
 class _AnyPath(BaseConverter):
@@ -78,12 +98,14 @@ class FastPath:
         if not path.startswith("/ocsp") or (len(path) > 5 and path[5] != "/"):
             return self.app(environ, start_response)
         method = environ.get("REQUEST_METHOD")
+        started = time.perf_counter()
         if method == "GET":
             if len(path) <= 6:
                 answer = MALFORMED  # `/ocsp` or `/ocsp/`: no request
             else:
                 answer = guarded(lambda p: self.responder().answer_get(p), path[6:])
             if any(name in environ for name in _CONDITIONAL):
+                _observe(method, answer, started)
                 response = _response(answer).make_conditional(environ)
                 return response(environ, start_response)
         elif method == "POST":
@@ -95,6 +117,7 @@ class FastPath:
             )
         else:
             return self.app(environ, start_response)  # HEAD, OPTIONS, 405: the blueprint's
+        _observe(method, answer, started)
         start_response(answer.status_line, list(answer.wsgi_headers))
         return [answer.body]
 
@@ -124,7 +147,10 @@ def blueprint(runtime: Any) -> Blueprint:
     @bp.get("/ocsp/<ocsp_any:encoded>", merge_slashes=False, strict_slashes=False)
     def ocsp_get(encoded: str) -> Response:
         """RFC 5019 §5: GET {url}/{url-encoded base64 of the DER request}."""
-        return _conditional(guarded(lambda p: responder().answer_get(p), encoded))
+        started = time.perf_counter()
+        answer = guarded(lambda p: responder().answer_get(p), encoded)
+        _observe("GET", answer, started)
+        return _conditional(answer)
 
     @bp.post("/ocsp", strict_slashes=False)
     @bp.post("/ocsp/<ocsp_any:_path>", merge_slashes=False, strict_slashes=False)
@@ -133,8 +159,11 @@ def blueprint(runtime: Any) -> Blueprint:
         not enforced: some clients omit it, and the body decides."""
         if (request.content_length or 0) > MAX_REQUEST_OCTETS:
             return _response(MALFORMED)
+        started = time.perf_counter()
         der = request.stream.read(MAX_REQUEST_OCTETS + 1)
-        return _response(guarded(responder().answer, der))
+        answer = guarded(responder().answer, der)
+        _observe("POST", answer, started)
+        return _response(answer)
 
     @bp.get("/ocsp", strict_slashes=False)
     def ocsp_empty() -> Response:

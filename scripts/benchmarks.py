@@ -16,7 +16,7 @@ from ca.hsm import HsmEcPrivateKey, Token
 from ca.issuance import CertificateAuthority, IssuanceRequest
 from ca.policy import Identifier, PublicKey
 from ca.profiles import load_profiles
-from scripts import benchmarks_acme, benchmarks_revocation
+from scripts import benchmarks_acme, benchmarks_inventory, benchmarks_revocation
 from scripts.bench_pki import BASE_URL, bench_pki
 
 
@@ -99,11 +99,13 @@ def main(argv: list[str] | None = None) -> int:
     issuance.add_argument("--db", help="database URL (default: a temporary SQLite file)")
     benchmarks_revocation.add_parsers(sub)
     benchmarks_acme.add_parser(sub)
+    benchmarks_inventory.add_parser(sub)
     args = parser.parse_args(argv)
     if args.bench == "issuance":
         bench_issuance(50 if args.smoke else args.n, args.db)
     benchmarks_revocation.dispatch(args)
     benchmarks_acme.dispatch(args)
+    benchmarks_inventory.dispatch(args)
     return 0
 
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Connection, and_, bindparam, delete, func, or_, select
+from sqlalchemy import Connection, and_, bindparam, delete, func, or_, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 
 from ca.errors import CAError, Kind
@@ -209,6 +210,25 @@ def revoked_entries_by_shard(
         for row in connection.execute(query.execution_options(yield_per=10000)):
             out.setdefault(row[0], []).append(RevokedEntry(row[1], row[2], row[3] or now, row[4]))
     return out
+
+
+@contextmanager
+def crl_signing_lock(storage: Storage, issuer_id: str, shard: int) -> Iterator[None]:
+    """Hold the right to sign one shard's next CRL, across processes sharing the database.
+
+    On PostgreSQL, a transaction-level advisory lock keyed by (issuer, shard): a second signer
+    waits, then re-reads the shard and signs only if still needed, so the issuer key never
+    signs a CRL whose number another process has taken. SQLite has one writer at a time and
+    the UNIQUE (issuer, shard, number) constraint still picks one winner; no lock is taken.
+    """
+    if storage.dialect != "postgresql":
+        yield
+        return
+    digest = hashlib.blake2b(f"crl:{issuer_id}:{shard}".encode(), digest_size=8).digest()
+    key = int.from_bytes(digest, "big", signed=True)
+    with _database_errors(), storage.engine.connect() as connection, connection.begin():
+        connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+        yield
 
 
 def insert_crl(

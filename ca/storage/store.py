@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import fnmatch
+import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,7 +32,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from ca.clock import Clock, SystemClock
 from ca.errors import CAError, Kind
 from ca.storage import audit
-from ca.storage.models import Certificate, CertificateName, Crl, Issuer
+from ca.storage.models import AuditEvent, Certificate, CertificateName, Crl, Issuer
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 
@@ -137,6 +138,7 @@ class Reservation:
     source: str
     acme_account_id: int | None = None
     replaces: str | None = None
+    tags: tuple[str, ...] = ()  # validated by the caller; stored as ",a,b,"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,16 +277,18 @@ class Storage:
     def _core(self, *, flush_log: bool = True) -> Iterator[Connection]:
         """A Core-level transaction for the hot issuance path: no ORM unit of work to flush.
 
-        `flush_log=False` commits without waiting for the log to reach the disk. Used only for
-        the serial reservation: it is made durable by the flushed commit that records the
-        certificate before release (SQLite's WAL and PostgreSQL's WAL are both written in
-        order, so flushing a later commit flushes every earlier one). A power loss in between
-        can lose the reservation only together with a certificate that was never released.
+        `flush_log=False` commits without waiting for the log to reach the disk, on SQLite only.
+        Used for the serial reservation: SQLite writes the commit into its WAL file before
+        returning (synchronous=NORMAL skips only the fsync), so a killed process keeps it; only
+        an operating-system crash or power loss can lose it, and then only together with a
+        certificate that was never released (the flushed commit that records a certificate
+        flushes every earlier one). On PostgreSQL an asynchronous commit sits in the server's
+        WAL buffers and a server crash loses it, so there the reservation commits synchronously:
+        a database that stops mid-issuance keeps the pending serial on record (#6).
         """
-        engine = self.engine if flush_log else self._relaxed_engine
+        relaxed = not flush_log and self.dialect == "sqlite"
+        engine = self._relaxed_engine if relaxed else self.engine
         with _database_errors(), engine.begin() as connection:
-            if not flush_log and self.dialect == "postgresql":
-                connection.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
             yield connection
 
     # -- schema -----------------------------------------------------------------------------
@@ -375,6 +379,7 @@ class Storage:
         """
         values = dataclasses.asdict(reservation) | {
             "names": " ".join(reservation.names),
+            "tags": f",{','.join(reservation.tags)}," if reservation.tags else "",
             "status": "pending",
             "created_at": self.clock.now(),
         }
@@ -395,6 +400,7 @@ class Storage:
             try:
                 values = dataclasses.asdict(reservation) | {
                     "names": " ".join(reservation.names),
+                    "tags": "",
                     "status": "pending",
                     "created_at": now,
                 }
@@ -607,6 +613,17 @@ class Storage:
         audit.append(
             session, audit.values(self.clock.now(), actor, action, subject, outcome, detail)
         )
+
+    def last_audit_detail(self, action: str) -> dict[str, Any] | None:
+        """The detail of the newest record of one action, or None."""
+        with _database_errors(), self.engine.connect() as connection:
+            detail = connection.execute(
+                select(AuditEvent.detail)
+                .where(AuditEvent.action == action)
+                .order_by(AuditEvent.seq.desc())
+                .limit(1)
+            ).scalar_one_or_none()
+        return None if detail is None else dict(json.loads(detail))
 
     def audit_events(self, limit: int = 100) -> Sequence[dict[str, Any]]:
         """The newest records, newest first."""

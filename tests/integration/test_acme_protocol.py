@@ -565,6 +565,12 @@ def test_external_account_binding_when_required(
         with unchanged(storage):
             response = client.new_account({"externalAccountBinding": wrong_mac})
             assert_problem(response, "unauthorized", 403)
+        failed = storage.audit_events(1)[0]
+        assert (failed["action"], failed["subject"], failed["outcome"]) == (
+            "acme.authenticate",
+            "externalAccountBinding",
+            "refused",
+        )
 
         binding = eab_binding(eab.key_id, eab.hmac_key, client.key.jwk, url)
         response = client.new_account({"externalAccountBinding": binding})
@@ -747,6 +753,12 @@ def test_unknown_account_is_account_does_not_exist(server: Server, kid: str) -> 
     with unchanged(server.storage):
         response = client.new_order(dns_ids("ghost.test"))
         assert_problem(response, "accountDoesNotExist", 400)
+    failed = server.storage.audit_events(1)[0]  # a failed authentication is on record
+    assert (failed["action"], failed["subject"], failed["outcome"]) == (
+        "acme.authenticate",
+        kid,
+        "refused",
+    )
 
 
 @sqlite_only
@@ -759,6 +771,12 @@ def test_a_bad_signature_is_malformed(server: Server) -> None:
             dns_ids("sig.test"), sign=impostor.sign, header={"nonce": nonce}
         )
         assert_problem(response, "malformed", 400, sent_nonce=nonce)
+    failed = server.storage.audit_events(1)[0]
+    assert (failed["action"], failed["subject"], failed["outcome"]) == (
+        "acme.authenticate",
+        client.account_url,
+        "refused",
+    )
     # A request nobody signed must not even spend the nonce it carried.
     retry = client.new_order(dns_ids("sig.test"), header={"nonce": nonce})
     assert retry.status_code == 201, retry.get_data(as_text=True)

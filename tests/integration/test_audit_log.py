@@ -261,3 +261,42 @@ def test_the_migration_chains_records_made_before_the_chain(db_url: str) -> None
     storage.audit("tests", "admin.note", "after", "success", {})
     assert _verify(storage).records == 6
     storage.dispose()
+
+
+def test_a_configuration_or_profile_change_is_recorded_once(tmp_path: Path) -> None:
+    from ca.config import load_config
+    from ca.runtime import Runtime
+
+    path = tmp_path / "certwright.toml"
+    base = f'[database]\nurl = "sqlite:///{tmp_path / "ca.db"}"\n'
+    path.write_text(base)
+    runtime = Runtime(load_config(str(path)))
+    assert runtime.record_config("tests") is True
+    assert runtime.record_config("tests") is False  # nothing changed
+    runtime.close()
+
+    path.write_text(
+        base + "[profiles.tls-server]\nmax_validity_days = 120\n[acme]\nwebsite = 'x'\n"
+    )
+    runtime = Runtime(load_config(str(path)))
+    assert runtime.record_config("tests") is True
+    record = runtime.storage.audit_events(1)[0]
+    assert record["action"] == "config.change"
+    assert record["detail"]["changed"] == [
+        "acme.website",
+        "profiles.tls-server",
+    ]
+    with runtime.storage.engine.connect() as connection:
+        assert audit.verify(connection).ok
+    runtime.close()
+
+
+def test_recorded_settings_hide_the_database_password(tmp_path: Path) -> None:
+    from ca.config import load_config
+    from ca.runtime import Runtime
+
+    path = tmp_path / "certwright.toml"
+    path.write_text('[database]\nurl = "postgresql://ca:s3cret@db.internal/ca"\n')
+    settings = Runtime(load_config(str(path))).effective_settings()
+    assert "s3cret" not in json.dumps(settings, default=str)
+    assert settings["database"]["url"] == "postgresql://ca:***@db.internal/ca"
