@@ -184,7 +184,7 @@ class AcmeService:
                 or not domain
                 or "," in address
                 or "?" in address
-                or any(c.isspace() for c in address)
+                or any(c.isspace() or not c.isprintable() for c in address)
                 or "." not in domain
             ):
                 raise problems.invalid_contact(f"invalid contact address {url!r}")

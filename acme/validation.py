@@ -754,7 +754,7 @@ def _check_challenge_certificate(
         raise ValidationError(
             "incorrectResponse", f"The challenge certificate has no {missing} extension"
         ) from None
-    except (ValueError, x509.DuplicateExtension):
+    except (ValueError, x509.DuplicateExtension, x509.InvalidVersion):
         raise ValidationError(
             "incorrectResponse", "The challenge certificate could not be parsed"
         ) from None

@@ -10,6 +10,7 @@ import contextlib
 import datetime
 import json
 import logging
+import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -34,11 +35,37 @@ def _iso(value: Any) -> str:
     return str(value.strftime("%Y-%m-%dT%H:%M:%SZ"))
 
 
+AUTH_FAILURES_AUDITED_PER_MINUTE = 30
+
+
+class _PerMinuteQuota:
+    """At most `limit` events per key per clock minute, in this process."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._minute: Any = None
+        self._counts: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def take(self, key: str, now: datetime.datetime) -> bool:
+        minute = now.replace(second=0, microsecond=0)
+        with self._lock:
+            if minute != self._minute:
+                self._minute, self._counts = minute, {}
+            count = self._counts.get(key, 0)
+            if count >= self.limit:
+                return False
+            self._counts[key] = count + 1
+            return True
+
+
 def blueprint(runtime: Runtime) -> Blueprint:
     """The ACME blueprint; served on the HTTPS listener only (RFC 8555 §6.1)."""
     bp = Blueprint("acme", __name__, url_prefix="/acme")
     bp.certwright_listener = "https"  # type: ignore[attr-defined]
     service_holder: dict[str, AcmeService] = {}
+
+    auth_failure_quota = _PerMinuteQuota(AUTH_FAILURES_AUDITED_PER_MINUTE)
 
     def service() -> AcmeService:
         # Built on first use inside the worker, after fork.
@@ -211,7 +238,14 @@ def blueprint(runtime: Runtime) -> Blueprint:
 
     def auth_failed(problem: AcmeProblem, subject: str) -> AcmeProblem:
         """A failed authentication goes to the audit log (it may be an attack), best effort:
-        the client's answer does not depend on the database taking the record."""
+        the client's answer does not depend on the database taking the record. Each process
+        records at most AUTH_FAILURES_AUDITED_PER_MINUTE per client address, so a flood of
+        forged requests cannot grow the log without bound; the excess is logged here."""
+        if not auth_failure_quota.take(request.remote_addr or "?", runtime.clock.now()):
+            log.warning(
+                "failed ACME authentication from %s not audited (over quota)", request.remote_addr
+            )
+            return problem
         with contextlib.suppress(CAError):
             runtime.storage.audit(
                 f"acme:{request.remote_addr}",
