@@ -55,6 +55,9 @@ SUBSCRIBER_REASONS = frozenset({0, 1, 3, 4, 5})
 # CAA must be rechecked at issuance when the validation is older than this (CA/B BR 3.2.2.8).
 CAA_RECHECK_AFTER = datetime.timedelta(hours=8)
 STALE_CHALLENGE_AFTER = datetime.timedelta(minutes=2)
+# A finalize takes well under a second (a CAA recheck at most the DNS timeout); one still
+# `processing` after this is gone.
+STALE_ORDER_AFTER = datetime.timedelta(minutes=5)
 
 
 def _object_id_ok(value: str) -> bool:
@@ -590,6 +593,10 @@ class AcmeService:
         for challenge_id in stale:
             self.validate(challenge_id)
         return len(stale)
+
+    def recover_stale_orders(self) -> int:
+        """Orders left `processing` by a finalize that never finished are `ready` again."""
+        return self.store.recover_stale_orders(self.clock.now() - STALE_ORDER_AFTER)
 
     # -- finalize (§7.4) --------------------------------------------------------------------
 

@@ -664,7 +664,7 @@ class AcmeStore:
                     AcmeOrder.status == "ready",
                     AcmeOrder.expires > self.clock.now(),
                 )
-                .values(status="processing")
+                .values(status="processing", processing_since=self.clock.now())
             )
             return rowcount(result) == 1
 
@@ -788,6 +788,23 @@ class AcmeStore:
                     )
                 )
             )
+
+    def recover_stale_orders(self, older_than: datetime.datetime) -> int:
+        """Orders a finalize left `processing` since before `older_than` without a certificate
+        (its process died, or the database went away before the failure was written back)
+        are `ready` again, so the client can finalize once more. Their reserved serial stays
+        `pending` on record; a retry draws a new one."""
+        with self.storage.transaction(durable=False) as session:
+            result = session.execute(
+                update(AcmeOrder)
+                .where(
+                    AcmeOrder.status == "processing",
+                    AcmeOrder.certificate_serial.is_(None),
+                    AcmeOrder.processing_since < older_than,
+                )
+                .values(status="ready", processing_since=None)
+            )
+            return rowcount(result)
 
     def stale_processing_challenges(self, older_than: datetime.datetime) -> list[str]:
         """Challenges left `processing` by a process that died mid-validation."""

@@ -341,6 +341,9 @@ class AcmeOrder(Base):
     error: Mapped[str | None] = mapped_column(Text)  # JSON problem document
     certificate_serial: Mapped[str | None] = mapped_column(String(48))
     created_at: Mapped[datetime.datetime] = mapped_column(UTCDateTime())
+    # When finalize took it to `processing`: an order left there by a process that died (or
+    # lost its database) mid-finalize goes back to `ready` after a while (acme/jobs.py).
+    processing_since: Mapped[datetime.datetime | None] = mapped_column(UTCDateTime())
 
 
 class AcmeAuthorization(Base):

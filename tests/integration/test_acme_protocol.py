@@ -1155,3 +1155,30 @@ def test_caa_naming_us_allows_issuance(server: Server, dns: ChallTestSrv) -> Non
 def order_url_of(client: AcmeClient, order: dict[str, Any]) -> str:
     """The order URL, from its finalize URL (…/order/<id>/finalize)."""
     return str(order["finalize"]).removesuffix("/finalize")
+
+
+@sqlite_only
+def test_an_order_left_processing_by_a_dead_finalize_is_ready_again(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process that died (or lost its database) mid-finalize leaves the order `processing`;
+    the jobs' upkeep reopens it after STALE_ORDER_AFTER, and the client finalizes it again."""
+    import acme.jobs
+    import acme.service
+
+    client = server.account()
+    order_url, order = ready_order(server, client, dns_ids("stale.test"))
+    order_id = order_url.rsplit("/", 1)[1]
+    store = AcmeStore(server.storage)
+    assert store.begin_finalize(order_id)  # the finalize that never finished
+    assert client.get(order_url).get_json()["status"] == "processing"
+
+    acme.jobs.run(server.runtime)  # not stale yet: left alone
+    assert client.get(order_url).get_json()["status"] == "processing"
+
+    monkeypatch.setattr(acme.service, "STALE_ORDER_AFTER", datetime.timedelta(0))
+    acme.jobs.run(server.runtime)
+    assert client.get(order_url).get_json()["status"] == "ready"
+    _, response = finalize(client, order, ["stale.test"])
+    assert response.status_code == 200, response.get_data(as_text=True)
+    assert response.get_json()["status"] == "valid"
