@@ -140,3 +140,27 @@ def test_installed_certwright_makes_a_ca(installed: tuple[Path, Path], tmp_path:
     assert issuers.returncode == 0, issuers.stderr
     assert "issuing-ec" in issuers.stdout
     assert sys.executable  # the test ran under the project venv
+
+
+def test_the_systemd_unit_verifies_and_is_hardened(tmp_path: Path) -> None:
+    """systemd's own checks of config/certwright.service (offline: no systemd needs to run):
+    `verify` finds no error once the program it starts exists, and `security` rates its
+    exposure "OK" or better (at most 2.0 of 10)."""
+    source = Path(__file__).resolve().parents[2] / "config" / "certwright.service"
+    unit = tmp_path / "certwright.service"
+    program = shutil.which("true")
+    assert program is not None
+    unit.write_text(source.read_text().replace("/opt/certwright/bin/certwright", program))
+    verify = subprocess.run(
+        ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, check=False
+    )
+    assert verify.returncode == 0, verify.stderr
+    security = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", str(unit)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert security.returncode == 0, security.stderr
+    level = security.stdout.split("Overall exposure level for certwright.service:")[1].split()[0]
+    assert float(level) <= 2.0, security.stdout[-400:]
