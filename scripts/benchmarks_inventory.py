@@ -25,17 +25,16 @@ import statistics
 import subprocess
 import tempfile
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, insert, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import insert, text
 
 from ca.storage import IssuerRecord, Storage
 from ca.storage.inventory import InventoryFilter, count_inventory, list_inventory
 from ca.storage.models import Certificate, CertificateName
+from scripts.pgdb import fresh_database
 
 TARGET_MS = 100.0
 OWNERS = 1000
@@ -286,20 +285,6 @@ def _postgres_admin_url() -> Iterator[str | None]:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-@contextlib.contextmanager
-def _fresh_postgres(admin: str) -> Iterator[str]:
-    name = f"cw_bench_{uuid.uuid4().hex[:12]}"
-    engine = create_engine(admin, isolation_level="AUTOCOMMIT")
-    with engine.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield make_url(admin).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with engine.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        engine.dispose()
-
-
 def bench_inventory(count: int, runs: int, db_url: str | None) -> None:
     if db_url:
         bench_one(db_url, count, runs)
@@ -310,7 +295,7 @@ def bench_inventory(count: int, runs: int, db_url: str | None) -> None:
         if admin is None:
             print("inventory benchmark: PostgreSQL skipped (set CERTWRIGHT_TEST_POSTGRES_URL)")
             return
-        with _fresh_postgres(admin) as url:
+        with fresh_database(admin, "cw_bench") as url:
             bench_one(url, count, runs)
 
 

@@ -40,11 +40,11 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
-from sqlalchemy import create_engine, select, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import create_engine, select
 
 from ca.storage.models import Certificate
 from scripts.benchmarks_acme import NO_RATE_LIMITS, AcmeClient, ChallengeResponder, b64url
+from scripts.pgdb import fresh_database
 from tests.integration.acme_harness import (
     CERTWRIGHT,
     LOOPBACK,
@@ -83,16 +83,8 @@ def soak_database() -> Iterator[str]:
     admin_url = os.environ.get(POSTGRES_ENV)
     if not admin_url:
         raise SystemExit(f"soak: {POSTGRES_ENV} is not set (run scripts/soak, which starts one)")
-    name = f"soak_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with fresh_database(admin_url, "soak") as url:
+        yield url
 
 
 @contextlib.contextmanager

@@ -14,13 +14,10 @@ import datetime
 import os
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
 
 from ca import ceremony, certs
 from ca.config import DEFAULT_SOFTHSM_MODULE
@@ -29,6 +26,7 @@ from ca.hsm import KeySpec, Token
 from ca.issuance import CertificateAuthority
 from ca.profiles import load_profiles
 from ca.storage import IssuerRecord, Storage
+from scripts.pgdb import fresh_database
 
 ROOT_TOKEN, ROOT_PIN = "test-root", "root-pin-0000"
 ONLINE_TOKEN, ONLINE_PIN = "test-online", "online-pin-1111"
@@ -118,16 +116,8 @@ def fresh_postgres_database() -> Iterator[str]:
     admin = _postgres_admin_url()
     if not admin:
         pytest.skip(f"PostgreSQL tests need {POSTGRES_ENV} (scripts/test starts a server)")
-    name = f"cw_{uuid.uuid4().hex[:16]}"
-    engine = create_engine(admin, isolation_level="AUTOCOMMIT")
-    with engine.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield make_url(admin).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with engine.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        engine.dispose()
+    with fresh_database(admin) as url:
+        yield url
 
 
 @pytest.fixture
