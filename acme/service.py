@@ -161,9 +161,6 @@ class AcmeService:
         self.clock = runtime.clock
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._executor_lock = threading.Lock()
-        # Orders whose failed finalize could not be written back (the database was down):
-        # order id -> (problem, back to ready). Settled on the next request for the order.
-        self._unsettled: dict[str, tuple[dict[str, Any], bool]] = {}
 
     @property
     def authority(self) -> Any:
@@ -608,11 +605,6 @@ class AcmeService:
         account_uri: str | None = None,
     ) -> Order:
         order = self.order_for(account, order_id)
-        unsettled = self._unsettled.pop(order.id, None)
-        if unsettled is not None and order.status == "processing":
-            # A finalize of this process failed while the database was down; write back now.
-            self.store.fail_order(order.id, unsettled[0], back_to_ready=unsettled[1])
-            order = self.order_for(account, order_id)
         if order.status in ("processing", "valid"):
             return order
         if order.status != "ready":
@@ -688,12 +680,10 @@ class AcmeService:
                 Kind.CONFLICT,
             )
             problem = problem_for(exc)
-            try:
+            # If even this fails (the database is down) the order stays processing, nothing
+            # released, until the jobs' upkeep makes it ready again (recover_stale_orders).
+            with contextlib.suppress(CAError):
                 self.store.fail_order(order.id, problem.to_json(), back_to_ready=transient)
-            except CAError:
-                # The order stays processing (nothing was released) until the next finalize
-                # of it reaches this process with the database back.
-                self._unsettled[order.id] = (problem.to_json(), transient)
             raise problem from None
         self.store.complete_order(order.id, issued.record.serial)
         return self.order_for(account, order_id)
@@ -796,7 +786,7 @@ class AcmeService:
         now = self.clock.now()
         try:  # inventory: the last time a client asked; never fails the request
             mark_ari_checked(self.runtime.storage, record.serial, now)
-        except Exception:
+        except CAError:
             log.warning(
                 "could not record the renewalInfo check of %s", record.serial, exc_info=True
             )

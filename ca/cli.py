@@ -463,9 +463,6 @@ def issue(
     as_json: bool,
 ) -> None:
     """Issue a certificate from a CSR, or for --name with a key generated here."""
-    from ca.storage.inventory import validate_tags
-
-    tags = validate_tags(tags)
     validity = datetime.timedelta(days=days) if days is not None else None
     if bool(csr_path) == bool(names):
         raise click.UsageError("give either --csr FILE or at least one --name")

@@ -115,6 +115,17 @@ class _About:
     not_after: datetime.datetime
     locations: tuple[str, ...] = ()
 
+    @classmethod
+    def ours(cls, row: CertRow | Certificate, locations: tuple[str, ...] = ()) -> _About:
+        return cls(
+            f"serial:{row.serial}",
+            tuple(row.names.split()),
+            row.owner,
+            "ours",
+            row.not_after,
+            locations,
+        )
+
     def finding(
         self, severity: str, code: str, message: str, locations: tuple[str, ...] | None = None
     ) -> Finding:
@@ -363,14 +374,7 @@ def _ours(
     for row in expiring:
         dep = deployments.get(row.id, _Deployment())
         where = tuple(sorted(dep.live_locations))
-        base = _About(
-            f"serial:{row.serial}",
-            tuple(row.names.split()),
-            row.owner,
-            "ours",
-            row.not_after,
-            where,
-        )
+        base = _About.ours(row, where)
         successor = renewed.get(row.id)
         if row.not_after <= now:
             ago = _days(now - row.not_after)
@@ -397,20 +401,9 @@ def _ours(
         late = sorted(_location(s) for s in dep.sightings if s.last_seen > revoked_at)
         if not late:
             continue
+        message = f"revoked {revoked_at:%Y-%m-%d %H:%M} UTC but seen since at {', '.join(late[:5])}"
         findings.append(
-            Finding(
-                "high",
-                "revoked-but-deployed",
-                subject=f"serial:{row.serial}",
-                names=tuple(row.names.split()),
-                owner=row.owner,
-                message=(
-                    f"revoked {revoked_at:%Y-%m-%d %H:%M} UTC but seen since at "
-                    f"{', '.join(late[:5])}"
-                ),
-                not_after=row.not_after,
-                locations=tuple(late),
-            )
+            _About.ours(row, tuple(late)).finding("high", "revoked-but-deployed", message)
         )
     return findings
 
@@ -444,19 +437,8 @@ def _too_long(
             )
         ):
             span = row.not_after - row.not_before + datetime.timedelta(seconds=1)
-            findings.append(
-                Finding(
-                    "medium",
-                    "validity-too-long",
-                    subject=f"serial:{row.serial}",
-                    names=tuple(row.names.split()),
-                    owner=row.owner,
-                    message=(
-                        f"valid for {_days(span)}; profile {name} now allows at most {_days(limit)}"
-                    ),
-                    not_after=row.not_after,
-                )
-            )
+            message = f"valid for {_days(span)}; profile {name} now allows at most {_days(limit)}"
+            findings.append(_About.ours(row).finding("medium", "validity-too-long", message))
     return findings
 
 

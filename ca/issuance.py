@@ -318,6 +318,7 @@ class CertificateAuthority:
             )
         identifiers = policy.check_identifiers(request.identifiers, profile)
         validity = policy.check_validity(request.validity, profile)
+        validate_tags(request.tags)
         return profile, identifiers, validity
 
     def issue(self, request: IssuanceRequest) -> IssuedCertificate:
@@ -435,7 +436,7 @@ class CertificateAuthority:
                         source=request.source,
                         acme_account_id=request.acme_account_id,
                         replaces=request.replaces,
-                        tags=validate_tags(request.tags) if request.tags else (),
+                        tags=tuple(sorted(set(request.tags))),  # validated by check()
                     )
                 )
             except CAError as exc:

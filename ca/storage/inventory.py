@@ -40,7 +40,7 @@ from ca.storage.models import (
     CertificateSighting,
     DiscoveredCertificate,
 )
-from ca.storage.store import Storage, rowcount
+from ca.storage.store import Storage, rowcount, tags_column
 
 KINDS = ("issued", "discovered")
 # Statuses of our own rows; a discovered certificate's status is "discovered".
@@ -142,6 +142,7 @@ def validate_tag(tag: str) -> str:
         raise CAError(
             Kind.BAD_REQUEST,
             f"bad tag {tag!r}: use lowercase letters, digits and -_.: (at most {MAX_TAG})",
+            rule="tags.syntax",
         )
     return tag
 
@@ -149,12 +150,6 @@ def validate_tag(tag: str) -> str:
 def validate_tags(tags: Iterable[str]) -> tuple[str, ...]:
     """Validated, de-duplicated, sorted."""
     return tuple(sorted({validate_tag(t) for t in tags}))
-
-
-def tags_column(tags: Iterable[str]) -> str:
-    """The stored form: ",a,b," (so one tag is a LIKE '%,a,%' match), or "" for none."""
-    tags = tuple(tags)
-    return f",{','.join(tags)}," if tags else ""
 
 
 def parse_tags_column(value: str | None) -> tuple[str, ...]:

@@ -7,7 +7,7 @@ import dataclasses
 import datetime
 import fnmatch
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -138,7 +138,7 @@ class Reservation:
     source: str
     acme_account_id: int | None = None
     replaces: str | None = None
-    tags: tuple[str, ...] = ()  # validated by the caller; stored as ",a,b,"
+    tags: tuple[str, ...] = ()  # validated by policy (CertificateAuthority.check)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,6 +197,12 @@ def _certificate_record(row: Certificate) -> CertificateRecord:
         acme_account_id=row.acme_account_id,
         replaces=row.replaces,
     )
+
+
+def tags_column(tags: Iterable[str]) -> str:
+    """Tags as stored: ",a,b," (so one tag is a LIKE '%,a,%' match), or "" for none."""
+    tags = tuple(tags)
+    return f",{','.join(tags)}," if tags else ""
 
 
 def normalize_database_url(url: str) -> str:
@@ -379,7 +385,7 @@ class Storage:
         """
         values = dataclasses.asdict(reservation) | {
             "names": " ".join(reservation.names),
-            "tags": f",{','.join(reservation.tags)}," if reservation.tags else "",
+            "tags": tags_column(reservation.tags),
             "status": "pending",
             "created_at": self.clock.now(),
         }

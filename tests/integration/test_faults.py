@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import subprocess
@@ -33,6 +34,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+import acme.jobs
+import acme.service
 from ca import certs
 from ca.config import load_config
 from ca.errors import CAError, Kind
@@ -234,6 +237,12 @@ def test_database_stops_mid_acme_finalize(
         own_postgres.start()
         [(pending_serial, (status, der))] = _rows(own_postgres.url).items()
         assert (status, der) == ("pending", None)
+        # The failure could not be written back, so the order is still `processing`; the
+        # jobs' upkeep makes it ready again once it is stale (at once here).
+        assert client.get(order_url).get_json()["status"] == "processing"
+        monkeypatch.setattr(acme.service, "STALE_ORDER_AFTER", datetime.timedelta(0))
+        acme.jobs.run(runtime)
+        assert client.get(order_url).get_json()["status"] == "ready"
 
         again = finalize()
         assert again.status_code == 200, again.get_data(as_text=True)

@@ -28,7 +28,7 @@ from ca.errors import CAError, Kind
 from ca.issuance import CertificateAuthority, IssuanceRequest, IssuedCertificate
 from ca.policy import Identifier
 from ca.runtime import Runtime
-from ca.storage import Storage
+from ca.storage import CertificateFilter, Storage
 from ca.storage.inventory import (
     InventoryFilter,
     InventoryItem,
@@ -396,6 +396,10 @@ def test_expiring_within_and_bad_tags(authority: CertificateAuthority) -> None:
     with pytest.raises(CAError) as bad:
         _issue(authority, "bad.inv.test", tags=("ok", "No!"))
     assert bad.value.kind is Kind.BAD_REQUEST and "No!" in bad.value.detail
+    # A policy refusal: on record with its rule, and no serial reserved for it.
+    refusal = storage.audit_events(1)[0]
+    assert (refusal["outcome"], refusal["detail"]["rule"]) == ("refused", "tags.syntax")
+    assert not [c for c in storage.list_certificates(CertificateFilter()) if "bad" in c.names[0]]
     with pytest.raises(CAError):
         list_inventory(storage, InventoryFilter(kind="other"))
 
