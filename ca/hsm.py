@@ -186,13 +186,22 @@ class Token:
         self.reset()
 
     def check(self) -> None:
-        """Raise CAError unless the token can be logged into (readiness checks)."""
+        """Raise CAError unless the token can be logged into and shows its keys (readiness).
+
+        A session opened before the token was removed keeps answering: SoftHSM finds no
+        objects in it rather than failing. A ready online token holds its issuers' keys, so
+        an empty search means the token is gone; the session is dropped so the next call
+        looks for the token anew.
+        """
         with self._lock:
             try:
-                self.session().get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY})
+                found = list(self.session().get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY}))
             except p11err.PKCS11Error as exc:
                 self.reset()
                 raise _hsm_error(f"HSM token {self.label!r}", exc) from None
+            if not found:
+                self.reset()
+                raise CAError(Kind.HSM, f"HSM token {self.label!r} shows no private keys")
 
     def call(self, action: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """Run one PKCS#11 call under the process lock; reset the session if it fails."""
