@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hmac
 import json
 import re
@@ -611,11 +612,30 @@ def _verify_ecdsa(alg: str, key: ec.EllipticCurvePublicKey, signature: bytes, da
     key.verify(encode_dss_signature(r, s), data, ec.ECDSA(hash_algorithm))
 
 
-def verify_signature(parsed: ParsedJWS, key: JWK) -> None:
-    """RFC 8555 §6.2 / RFC 7515 §5.2 step 8: the signature over the signing input verifies
-    under ``key`` with the header's ``alg``; otherwise the request is malformed."""
-    public = _cryptography_public_key(key)
+def stored_account_key(jwk: Mapping[str, Any]) -> AccountPublicKey:
+    """An account's stored JWK as a policy-checked public key, for :func:`verify_signature`.
+
+    Built once per distinct key in each process: rebuilding it checks the EC point twice (most
+    of a request's key handling), and an account sends many requests with one key."""
+    return _public_key_of(json.dumps(jwk, sort_keys=True, separators=(",", ":")))
+
+
+@functools.lru_cache(maxsize=4096)
+def _public_key_of(canonical_jwk: str) -> AccountPublicKey:
+    public = _cryptography_public_key(account_key_from_jwk(json.loads(canonical_jwk)))
     check_account_key_policy(public)
+    return public
+
+
+def verify_signature(parsed: ParsedJWS, key: JWK | AccountPublicKey) -> None:
+    """RFC 8555 §6.2 / RFC 7515 §5.2 step 8: the signature over the signing input verifies
+    under ``key`` with the header's ``alg``; otherwise the request is malformed. ``key`` is a
+    JWK from :func:`account_key_from_jwk` or a key from :func:`stored_account_key`."""
+    if isinstance(key, JWK):
+        public = _cryptography_public_key(key)
+        check_account_key_policy(public)
+    else:
+        public = key
     check_algorithm_fits_key(parsed.alg, public)
     try:
         if isinstance(public, rsa.RSAPublicKey):
@@ -637,7 +657,12 @@ def jwk_thumbprint(jwk: Mapping[str, Any]) -> str:
     The key passes :func:`account_key_from_jwk` first, which admits only minimal encodings,
     so the canonical re-encoding hashed here equals the client's own members.
     """
-    return b64url_encode(account_key_from_jwk(jwk).thumbprint(hashes.SHA256))
+    return _thumbprint_of(json.dumps(jwk, sort_keys=True, separators=(",", ":")))
+
+
+@functools.lru_cache(maxsize=4096)
+def _thumbprint_of(canonical_jwk: str) -> str:
+    return b64url_encode(account_key_from_jwk(json.loads(canonical_jwk)).thumbprint(hashes.SHA256))
 
 
 def key_authorization(token: str, jwk: Mapping[str, Any]) -> str:

@@ -16,6 +16,7 @@ import datetime
 import hashlib
 import ipaddress
 import logging
+import ssl
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -29,6 +30,7 @@ from acme.problems import AcmeProblem
 from acme.validation import (
     ValidationConfig,
     ValidationError,
+    ValidationRecord,
     validate_dns01,
     validate_http01,
     validate_tls_alpn01,
@@ -37,7 +39,6 @@ from ca import certs, policy
 from ca.errors import CAError, Kind
 from ca.policy import Identifier
 from ca.runtime import Runtime
-from ca.storage import CertificateRecord
 from ca.storage.acme_store import (
     Account,
     AcmeStore,
@@ -161,6 +162,7 @@ class AcmeService:
         self.clock = runtime.clock
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._executor_lock = threading.Lock()
+        self._chains: dict[str, list[x509.Certificate]] = {}
 
     @property
     def authority(self) -> Any:
@@ -450,14 +452,6 @@ class AcmeService:
             raise problems.not_found("no such order for this account")
         return order
 
-    def authorizations(self, order: Order) -> list[Authorization]:
-        out = []
-        for authz_id in order.authorization_ids:
-            authz = self.store.authorization(authz_id)
-            if authz is not None:
-                out.append(authz)
-        return out
-
     # -- authorizations and challenges (§7.5) ------------------------------------------------
 
     def authorization_for(self, account: Account, authz_id: str) -> Authorization:
@@ -500,10 +494,13 @@ class AcmeService:
             3600,
         )
         if self.store.start_challenge(challenge.id):
-            future = self._pool().submit(self.validate, challenge.id, account_uri)
+            known = (dataclasses.replace(challenge, status="processing"), authz, account)
+            future = self._pool().submit(self.validate, challenge.id, account_uri, known)
             # Still running after the wait: the client polls, told Retry-After.
             with contextlib.suppress(concurrent.futures.TimeoutError):
-                future.result(timeout=self.settings.challenge_wait)
+                outcome = future.result(timeout=self.settings.challenge_wait)
+                if outcome is not None:
+                    return outcome
         return self.challenge_for(account, challenge_id)
 
     def _pool(self) -> concurrent.futures.ThreadPoolExecutor:
@@ -514,66 +511,36 @@ class AcmeService:
                 )
             return self._executor
 
-    def validate(self, challenge_id: str, account_uri: str | None = None) -> None:
+    def validate(
+        self,
+        challenge_id: str,
+        account_uri: str | None = None,
+        known: tuple[Challenge, Authorization, Account] | None = None,
+    ) -> tuple[Challenge, Authorization] | None:
         """Validate one challenge for real and record the outcome; never raises.
 
         `account_uri` is the account's URL, for CAA `accounturi` (RFC 8657 §3); without it a
-        CAA record that restricts accounts refuses."""
+        CAA record that restricts accounts refuses. `known` is the challenge (processing), its
+        authorization and account as the caller just read them, or None to read them here.
+        Returns the challenge and authorization as this validation left them, or None when
+        it recorded nothing (another process finished the challenge first)."""
         try:
-            challenge = self.store.challenge(challenge_id)
-            if challenge is None or challenge.status != "processing":
-                return
-            authz = self.store.authorization(challenge.authorization_id)
-            account = self.store.account(authz.account_id) if authz else None
-            if authz is None or account is None:
-                return
-            key_authorization = jws.key_authorization(challenge.token, account.jwk)
-            identifier = {"type": authz.identifier_type, "value": authz.identifier_value}
-            name = ("*." if authz.wildcard else "") + authz.identifier_value
-            cfg = self.settings.validation
+            subjects = known or self._validation_subjects(challenge_id)
+            if subjects is None:
+                return None
+            challenge, authz, account = subjects
+            error: dict[str, Any] | None = None
             try:
-                if challenge.type == "http-01":
-                    records = validate_http01(
-                        authz.identifier_type,  # type: ignore[arg-type]
-                        authz.identifier_value,
-                        challenge.token,
-                        key_authorization,
-                        cfg,
-                    )
-                elif challenge.type == "dns-01":
-                    records = validate_dns01(authz.identifier_value, key_authorization, cfg)
-                else:
-                    records = validate_tls_alpn01(
-                        authz.identifier_type,  # type: ignore[arg-type]
-                        authz.identifier_value,
-                        key_authorization,
-                        cfg,
-                    )
-                if authz.identifier_type == "dns":
-                    check_caa(
-                        name,
-                        issuer_domains=self.settings.caa_identities,
-                        account_uri=account_uri,
-                        method=challenge.type,
-                        cfg=cfg,
-                    )
+                records = self._run_validation(challenge, authz, account, account_uri)
             except ValidationError as exc:
-                problem = AcmeProblem(
+                error = AcmeProblem(
                     exc.problem_type,
                     exc.detail,
                     400 if exc.problem_type != "caa" else 403,
-                    identifier=identifier,
-                )
-                self.store.finish_challenge(
-                    challenge_id,
-                    valid=False,
-                    error=problem.to_json(),
-                    record=[r.to_json() for r in exc.records],
-                )
-                return
-            self.store.finish_challenge(
-                challenge_id, valid=True, error=None, record=[r.to_json() for r in records]
-            )
+                    identifier={"type": authz.identifier_type, "value": authz.identifier_value},
+                ).to_json()
+                records = exc.records
+            return self._record_outcome(challenge, authz, error, [r.to_json() for r in records])
         except Exception:  # a validator bug must not leave the challenge processing forever
             log.exception("validation of challenge %s failed unexpectedly", challenge_id)
             with contextlib.suppress(CAError):
@@ -582,7 +549,83 @@ class AcmeService:
                     valid=False,
                     error=problems.server_internal("validation failed unexpectedly").to_json(),
                     record=[],
+                    now=self.clock.now(),
                 )
+            return None
+
+    def _run_validation(
+        self, challenge: Challenge, authz: Authorization, account: Account, account_uri: str | None
+    ) -> Sequence[ValidationRecord]:
+        """The challenge's own check, then CAA for a DNS name; ValidationError if either fails."""
+        key_authorization = jws.key_authorization(challenge.token, account.jwk)
+        cfg = self.settings.validation
+        if challenge.type == "http-01":
+            records = validate_http01(
+                authz.identifier_type,  # type: ignore[arg-type]
+                authz.identifier_value,
+                challenge.token,
+                key_authorization,
+                cfg,
+            )
+        elif challenge.type == "dns-01":
+            records = validate_dns01(authz.identifier_value, key_authorization, cfg)
+        else:
+            records = validate_tls_alpn01(
+                authz.identifier_type,  # type: ignore[arg-type]
+                authz.identifier_value,
+                key_authorization,
+                cfg,
+            )
+        if authz.identifier_type == "dns":
+            check_caa(
+                ("*." if authz.wildcard else "") + authz.identifier_value,
+                issuer_domains=self.settings.caa_identities,
+                account_uri=account_uri,
+                method=challenge.type,
+                cfg=cfg,
+            )
+        return records
+
+    def _record_outcome(
+        self,
+        challenge: Challenge,
+        authz: Authorization,
+        error: dict[str, Any] | None,
+        record: list[dict[str, Any]],
+    ) -> tuple[Challenge, Authorization] | None:
+        now = self.clock.now()
+        valid = error is None
+        if not self.store.finish_challenge(
+            challenge.id, valid=valid, error=error, record=record, now=now
+        ):
+            return None
+        # What the database now holds, without reading it back (§7.1.6: a challenge's outcome
+        # is its pending authorization's).
+        status = "valid" if valid else "invalid"
+        validated_at = now if valid else None
+        done = dataclasses.replace(
+            challenge,
+            status=status,
+            validated_at=validated_at,
+            error=error,
+            validation_record=record,
+        )
+        if authz.status == "pending":
+            authz = dataclasses.replace(authz, status=status, validated_at=validated_at)
+        challenges = tuple(done if c.id == done.id else c for c in authz.challenges)
+        return done, dataclasses.replace(authz, challenges=challenges)
+
+    def _validation_subjects(
+        self, challenge_id: str
+    ) -> tuple[Challenge, Authorization, Account] | None:
+        challenge = self.store.challenge(challenge_id)
+        if challenge is None or challenge.status != "processing":
+            return None
+        authz = self.store.authorization(challenge.authorization_id)
+        account = self.store.account(authz.account_id) if authz else None
+        if authz is None or account is None:
+            return None
+        return challenge, authz, account
 
     def recover_stale_challenges(self) -> int:
         """Re-run validations a dead process left `processing`."""
@@ -634,18 +677,18 @@ class AcmeService:
             raise problems.bad_csr("the certificate key must not be the account key")
         # CAA recheck before the serial is touched (BR 3.2.2.8: validation older than 8 hours).
         stale = [
-            a
-            for a in self.authorizations(order)
-            if a.identifier_type == "dns"
-            and (a.validated_at is None or a.validated_at < self.clock.now() - CAA_RECHECK_AFTER)
+            v
+            for v in self.store.order_validations(order.id)
+            if v.identifier_type == "dns"
+            and (v.validated_at is None or v.validated_at < self.clock.now() - CAA_RECHECK_AFTER)
         ]
-        for authz in stale:
+        for validation in stale:
             try:
                 check_caa(
-                    ("*." if authz.wildcard else "") + authz.identifier_value,
+                    ("*." if validation.wildcard else "") + validation.identifier_value,
                     issuer_domains=self.settings.caa_identities,
                     account_uri=account_uri,
-                    method=_validated_method(authz),
+                    method=validation.method or "dns-01",
                     cfg=self.settings.validation,
                 )
             except ValidationError as exc:
@@ -653,7 +696,7 @@ class AcmeService:
                     exc.problem_type,
                     exc.detail,
                     403,
-                    identifier={"type": "dns", "value": authz.identifier_value},
+                    identifier={"type": "dns", "value": validation.identifier_value},
                 ) from None
         if not self.store.begin_finalize(order.id):
             return self.order_for(account, order_id)
@@ -686,7 +729,7 @@ class AcmeService:
                 self.store.fail_order(order.id, problem.to_json(), back_to_ready=transient)
             raise problem from None
         self.store.complete_order(order.id, issued.record.serial)
-        return self.order_for(account, order_id)
+        return dataclasses.replace(order, status="valid", certificate_serial=issued.record.serial)
 
     # -- certificates and revocation (§7.4.2, §7.6) -------------------------------------------
 
@@ -697,22 +740,28 @@ class AcmeService:
             raise problems.not_found("no such certificate") from None
         if record.acme_account_id != account.id or record.der is None:
             raise problems.not_found("no such certificate for this account")
-        leaf = x509.load_der_x509_certificate(record.der)
-        chain = self._chain(record)
+        if alternate not in (0, 1):
+            raise problems.not_found("no such alternate chain")
+        chain = self._chain(record.issuer_id)
         if alternate == 1:
             chain = [*chain, self._root(chain[-1])]
-        elif alternate != 0:
-            raise problems.not_found("no such alternate chain")
-        return "".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in [leaf, *chain])
+        return ssl.DER_cert_to_PEM_cert(record.der) + "".join(
+            c.public_bytes(serialization.Encoding.PEM).decode() for c in chain
+        )
 
-    def _chain(self, record: CertificateRecord) -> list[x509.Certificate]:
-        chain = []
-        issuer = self.runtime.storage.get_issuer(record.issuer_id)
-        while issuer.kind != "root":
-            chain.append(x509.load_der_x509_certificate(issuer.cert_der))
-            if issuer.parent_id is None:
-                break
-            issuer = self.runtime.storage.get_issuer(issuer.parent_id)
+    def _chain(self, issuer_id: str) -> list[x509.Certificate]:
+        """The issuing chain up to (not including) the root. An issuer's certificate and
+        parent never change once recorded, so each process reads a chain once."""
+        chain = self._chains.get(issuer_id)
+        if chain is None:
+            chain = []
+            issuer = self.runtime.storage.get_issuer(issuer_id)
+            while issuer.kind != "root":
+                chain.append(x509.load_der_x509_certificate(issuer.cert_der))
+                if issuer.parent_id is None:
+                    break
+                issuer = self.runtime.storage.get_issuer(issuer.parent_id)
+            self._chains[issuer_id] = chain
         return chain
 
     def _root(self, top: x509.Certificate) -> x509.Certificate:
@@ -806,14 +855,6 @@ class AcmeService:
             }
         }
         return window, 21600  # Retry-After: six hours (§4.3 suggests a few hours)
-
-
-def _validated_method(authz: Authorization) -> str:
-    """The challenge type that validated an authorization (for CAA validationmethods)."""
-    for challenge in authz.challenges:
-        if challenge.status == "valid":
-            return challenge.type
-    return "dns-01"
 
 
 class KeyInUse(Exception):

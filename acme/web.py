@@ -221,7 +221,7 @@ def blueprint(runtime: Runtime) -> Blueprint:
             account = service().store.account(int(account_id))
             if account is None:
                 raise auth_failed(problems.account_does_not_exist("no such account"), parsed.kid)
-            key = jws.account_key_from_jwk(account.jwk)
+            key: Any = jws.stored_account_key(account.jwk)
         else:
             assert parsed.jwk is not None
             key = jws.account_key_from_jwk(parsed.jwk)

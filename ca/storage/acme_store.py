@@ -19,8 +19,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, and_, bindparam, delete, func, insert, select, update
 
 from ca.errors import CAError, Kind
 from ca.storage.models import (
@@ -81,6 +80,17 @@ class Authorization:
 
 
 @dataclasses.dataclass(frozen=True)
+class Validation:
+    """How one authorization of an order was validated (for the CAA recheck at finalize)."""
+
+    identifier_type: str
+    identifier_value: str
+    wildcard: bool
+    validated_at: datetime.datetime | None
+    method: str | None  # the type of the challenge that validated it
+
+
+@dataclasses.dataclass(frozen=True)
 class Order:
     id: str
     account_id: int
@@ -130,6 +140,99 @@ _AUTHZ_CHALLENGES = (
 )
 _USE_NONCE = insert(AcmeNonce)
 _CHALLENGE_BY_ID = select(AcmeChallenge.__table__).where(AcmeChallenge.id == bindparam("id"))
+_ORDER_VALIDATIONS = (
+    select(
+        AcmeAuthorization.identifier_type,
+        AcmeAuthorization.identifier_value,
+        AcmeAuthorization.wildcard,
+        AcmeAuthorization.validated_at,
+        AcmeChallenge.type,
+    )
+    .join(AcmeOrderAuthorization, AcmeOrderAuthorization.authorization_id == AcmeAuthorization.id)
+    .outerjoin(
+        AcmeChallenge,
+        and_(
+            AcmeChallenge.authorization_id == AcmeAuthorization.id,
+            AcmeChallenge.status == "valid",
+        ),
+    )
+    .where(AcmeOrderAuthorization.order_id == bindparam("b_id"))
+    .order_by(AcmeAuthorization.id)
+)
+_REUSABLE_AUTHZ = (
+    select(AcmeAuthorization.id)
+    .where(
+        AcmeAuthorization.account_id == bindparam("b_account"),
+        AcmeAuthorization.identifier_type == bindparam("b_type"),
+        AcmeAuthorization.identifier_value == bindparam("b_value"),
+        AcmeAuthorization.wildcard == bindparam("b_wildcard"),
+        AcmeAuthorization.status == "valid",
+        AcmeAuthorization.expires > bindparam("b_expires_after"),
+        AcmeAuthorization.validated_at >= bindparam("b_validated_after"),
+    )
+    .order_by(AcmeAuthorization.expires.desc())
+    .limit(1)
+)
+
+# The per-request state changes, built once too and run on Core connections (bind parameter
+# names start with b_: UPDATE reserves the columns' own names).
+_INSERT_AUTHZ = insert(AcmeAuthorization)
+_INSERT_CHALLENGE = insert(AcmeChallenge)
+_INSERT_ORDER = insert(AcmeOrder)
+_INSERT_ORDER_AUTHZ = insert(AcmeOrderAuthorization)
+_START_CHALLENGE = (
+    update(AcmeChallenge)
+    .where(AcmeChallenge.id == bindparam("b_id"), AcmeChallenge.status == "pending")
+    .values(status="processing", updated_at=bindparam("b_now"))
+)
+_FINISH_CHALLENGE = (
+    update(AcmeChallenge)
+    .where(AcmeChallenge.id == bindparam("b_id"), AcmeChallenge.status == "processing")
+    .values(
+        status=bindparam("b_status"),
+        validated_at=bindparam("b_validated"),
+        error=bindparam("b_error"),
+        validation_record=bindparam("b_record"),
+        updated_at=bindparam("b_now"),
+    )
+    .returning(AcmeChallenge.authorization_id)
+)
+_SETTLE_AUTHZ = (
+    update(AcmeAuthorization)
+    .where(AcmeAuthorization.id == bindparam("b_id"), AcmeAuthorization.status == "pending")
+    .values(status=bindparam("b_status"), validated_at=bindparam("b_validated"))
+)
+_AUTHZ_ORDER_IDS = select(AcmeOrderAuthorization.order_id).where(
+    AcmeOrderAuthorization.authorization_id == bindparam("b_id")
+)
+_ORDER_AUTHZ_STATUSES = (
+    select(AcmeAuthorization.status)
+    .join(AcmeOrderAuthorization, AcmeOrderAuthorization.authorization_id == AcmeAuthorization.id)
+    .where(AcmeOrderAuthorization.order_id == bindparam("b_id"))
+)
+_PENDING_ORDER_TO = (
+    update(AcmeOrder)
+    .where(AcmeOrder.id == bindparam("b_id"), AcmeOrder.status == "pending")
+    .values(status=bindparam("b_status"), error=bindparam("b_error"))
+)
+_BEGIN_FINALIZE = (
+    update(AcmeOrder)
+    .where(
+        AcmeOrder.id == bindparam("b_id"),
+        AcmeOrder.status == "ready",
+        AcmeOrder.expires > bindparam("b_now"),
+    )
+    .values(status="processing", processing_since=bindparam("b_now"))
+)
+_PROCESSING_ORDER_TO = (
+    update(AcmeOrder)
+    .where(AcmeOrder.id == bindparam("b_id"), AcmeOrder.status == "processing")
+    .values(
+        status=bindparam("b_status"),
+        error=bindparam("b_error"),
+        certificate_serial=bindparam("b_serial"),
+    )
+)
 
 
 def _account(row: Any) -> Account:
@@ -409,22 +512,17 @@ class AcmeStore:
     ) -> str | None:
         """A valid, unexpired authorization of this account for this identifier (§7.1.4 allows
         the server to reuse one), validated no earlier than `validated_after`."""
-        now = self.clock.now()
-        with self.storage.transaction() as session:
-            return session.scalar(
-                select(AcmeAuthorization.id)
-                .where(
-                    AcmeAuthorization.account_id == account_id,
-                    AcmeAuthorization.identifier_type == identifier_type,
-                    AcmeAuthorization.identifier_value == value,
-                    AcmeAuthorization.wildcard == wildcard,
-                    AcmeAuthorization.status == "valid",
-                    AcmeAuthorization.expires > now + datetime.timedelta(hours=1),
-                    AcmeAuthorization.validated_at >= validated_after,
-                )
-                .order_by(AcmeAuthorization.expires.desc())
-                .limit(1)
-            )
+        params = {
+            "b_account": account_id,
+            "b_type": identifier_type,
+            "b_value": value,
+            "b_wildcard": wildcard,
+            "b_expires_after": self.clock.now() + datetime.timedelta(hours=1),
+            "b_validated_after": validated_after,
+        }
+        with self._read() as connection:
+            found = connection.scalar(_REUSABLE_AUTHZ, params)
+            return str(found) if found is not None else None
 
     def create_order(
         self,
@@ -442,58 +540,82 @@ class AcmeStore:
     ) -> Order:
         """An order with its authorizations (reused ones plus new pending ones), atomically."""
         now = self.clock.now()
-        order_id = new_id()
-        with self.storage.transaction(durable=False) as session:
-            authz_ids = list(reused)
-            for spec in new:
-                authz_id = new_id()
-                session.add(
-                    AcmeAuthorization(
-                        id=authz_id,
-                        account_id=account_id,
-                        identifier_type=spec.identifier_type,
-                        identifier_value=spec.identifier_value,
-                        wildcard=spec.wildcard,
-                        status="pending",
-                        expires=authz_expires,
-                        created_at=now,
-                    )
-                )
-                for challenge_type in spec.challenge_types:
-                    session.add(
-                        AcmeChallenge(
-                            id=new_id(),
-                            authorization_id=authz_id,
-                            type=challenge_type,
-                            # §8.1: at least 128 bits of entropy, base64url.
-                            token=secrets.token_urlsafe(32),
-                            status="pending",
-                            updated_at=now,
-                        )
-                    )
-                authz_ids.append(authz_id)
-            status = "ready" if not new else "pending"
-            session.add(
-                AcmeOrder(
-                    id=order_id,
-                    account_id=account_id,
-                    status=status,
-                    expires=expires,
-                    identifiers=json.dumps(list(identifiers)),
-                    not_before=not_before,
-                    not_after=not_after,
-                    profile=profile,
-                    replaces=replaces,
-                    created_at=now,
-                )
+        order = Order(
+            id=new_id(),
+            account_id=account_id,
+            status="ready" if not new else "pending",
+            expires=expires,
+            identifiers=[dict(i) for i in identifiers],
+            not_before=not_before,
+            not_after=not_after,
+            profile=profile,
+            replaces=replaces,
+            error=None,
+            certificate_serial=None,
+            authorization_ids=(),
+            created_at=now,
+        )
+        authz_rows: list[dict[str, Any]] = []
+        challenge_rows: list[dict[str, Any]] = []
+        for spec in new:
+            authz_id = new_id()
+            authz_rows.append(
+                {
+                    "id": authz_id,
+                    "account_id": account_id,
+                    "identifier_type": spec.identifier_type,
+                    "identifier_value": spec.identifier_value,
+                    "wildcard": spec.wildcard,
+                    "status": "pending",
+                    "expires": authz_expires,
+                    "validated_at": None,
+                    "created_at": now,
+                }
             )
-            session.flush()
-            session.add_all(
-                AcmeOrderAuthorization(order_id=order_id, authorization_id=a) for a in authz_ids
+            challenge_rows.extend(
+                {
+                    "id": new_id(),
+                    "authorization_id": authz_id,
+                    "type": challenge_type,
+                    # §8.1: at least 128 bits of entropy, base64url.
+                    "token": secrets.token_urlsafe(32),
+                    "status": "pending",
+                    "validated_at": None,
+                    "error": None,
+                    "validation_record": None,
+                    "updated_at": now,
+                }
+                for challenge_type in spec.challenge_types
             )
-        order = self.order(order_id)
-        assert order is not None
-        return order
+        # In the order `order()` reads them back.
+        authz_ids = tuple(sorted([*reused, *(row["id"] for row in authz_rows)]))
+        with self.storage.write(durable=False) as connection:
+            if authz_rows:
+                connection.execute(_INSERT_AUTHZ, authz_rows)
+                connection.execute(_INSERT_CHALLENGE, challenge_rows)
+            connection.execute(
+                _INSERT_ORDER,
+                {
+                    "id": order.id,
+                    "account_id": account_id,
+                    "status": order.status,
+                    "expires": expires,
+                    "identifiers": json.dumps(order.identifiers),
+                    "not_before": not_before,
+                    "not_after": not_after,
+                    "profile": profile,
+                    "replaces": replaces,
+                    "error": None,
+                    "certificate_serial": None,
+                    "created_at": now,
+                    "processing_since": None,
+                },
+            )
+            connection.execute(
+                _INSERT_ORDER_AUTHZ,
+                [{"order_id": order.id, "authorization_id": a} for a in authz_ids],
+            )
+        return dataclasses.replace(order, authorization_ids=authz_ids)
 
     def order(self, order_id: str) -> Order | None:
         with self._read() as connection:
@@ -546,6 +668,14 @@ class AcmeStore:
                 challenges=challenges,
             )
 
+    def order_validations(self, order_id: str) -> list[Validation]:
+        """One row per authorization of the order, with the challenge type that validated it."""
+        with self._read() as connection:
+            return [
+                Validation(row[0], row[1], row[2], row[3], row[4])
+                for row in connection.execute(_ORDER_VALIDATIONS, {"b_id": order_id})
+            ]
+
     def challenge(self, challenge_id: str) -> Challenge | None:
         with self._read() as connection:
             row = connection.execute(_CHALLENGE_BY_ID, {"id": challenge_id}).first()
@@ -553,11 +683,9 @@ class AcmeStore:
 
     def start_challenge(self, challenge_id: str) -> bool:
         """pending → processing, once (§7.5.1: a repeated POST changes nothing)."""
-        with self.storage.transaction(durable=False) as session:
-            result = session.execute(
-                update(AcmeChallenge)
-                .where(AcmeChallenge.id == challenge_id, AcmeChallenge.status == "pending")
-                .values(status="processing", updated_at=self.clock.now())
+        with self.storage.write(durable=False) as connection:
+            result = connection.execute(
+                _START_CHALLENGE, {"b_id": challenge_id, "b_now": self.clock.now()}
             )
             return rowcount(result) == 1
 
@@ -568,72 +696,63 @@ class AcmeStore:
         valid: bool,
         error: dict[str, Any] | None,
         record: list[dict[str, Any]],
-    ) -> None:
+        now: datetime.datetime,
+    ) -> bool:
         """Record a validation's outcome and carry it to the authorization and its orders.
 
         §7.1.6: a valid challenge makes its authorization valid; an invalid one makes it
         invalid, and an order with an invalid authorization is invalid. An order whose every
-        authorization is valid becomes ready.
+        authorization is valid becomes ready. False when the challenge was not processing
+        (another process finished it): nothing is recorded then.
         """
-        now = self.clock.now()
-        with self.storage.transaction(durable=False) as session:
-            result = session.execute(
-                update(AcmeChallenge)
-                .where(AcmeChallenge.id == challenge_id, AcmeChallenge.status == "processing")
-                .values(
-                    status="valid" if valid else "invalid",
-                    validated_at=now if valid else None,
-                    error=json.dumps(error) if error else None,
-                    validation_record=json.dumps(record),
-                    updated_at=now,
-                )
+        with self.storage.write(durable=False) as connection:
+            authz_id = connection.scalar(
+                _FINISH_CHALLENGE,
+                {
+                    "b_id": challenge_id,
+                    "b_status": "valid" if valid else "invalid",
+                    "b_validated": now if valid else None,
+                    "b_error": json.dumps(error) if error else None,
+                    "b_record": json.dumps(record),
+                    "b_now": now,
+                },
             )
-            if rowcount(result) != 1:
-                return  # someone else finished it
-            authz_id = session.get_one(AcmeChallenge, challenge_id).authorization_id
-            session.execute(
-                update(AcmeAuthorization)
-                .where(AcmeAuthorization.id == authz_id, AcmeAuthorization.status == "pending")
-                .values(status="valid" if valid else "invalid", validated_at=now if valid else None)
+            if authz_id is None:
+                return False  # someone else finished it
+            connection.execute(
+                _SETTLE_AUTHZ,
+                {
+                    "b_id": authz_id,
+                    "b_status": "valid" if valid else "invalid",
+                    "b_validated": now if valid else None,
+                },
             )
-            order_ids = list(
-                session.scalars(
-                    select(AcmeOrderAuthorization.order_id).where(
-                        AcmeOrderAuthorization.authorization_id == authz_id
-                    )
-                )
-            )
-            for order_id in order_ids:
-                self._settle_order(session, order_id, error)
+            for order_id in list(connection.scalars(_AUTHZ_ORDER_IDS, {"b_id": authz_id})):
+                self._settle_order(connection, order_id, error)
+            return True
 
-    def _settle_order(self, session: Session, order_id: str, error: dict[str, Any] | None) -> None:
-        statuses = list(
-            session.scalars(
-                select(AcmeAuthorization.status)
-                .join(
-                    AcmeOrderAuthorization,
-                    AcmeOrderAuthorization.authorization_id == AcmeAuthorization.id,
-                )
-                .where(AcmeOrderAuthorization.order_id == order_id)
-            )
-        )
+    def _settle_order(
+        self, connection: Connection, order_id: str, error: dict[str, Any] | None
+    ) -> None:
+        statuses = list(connection.scalars(_ORDER_AUTHZ_STATUSES, {"b_id": order_id}))
         if any(s in ("invalid", "deactivated", "revoked", "expired") for s in statuses):
-            session.execute(
-                update(AcmeOrder)
-                .where(AcmeOrder.id == order_id, AcmeOrder.status == "pending")
-                .values(status="invalid", error=json.dumps(error) if error else None)
+            connection.execute(
+                _PENDING_ORDER_TO,
+                {
+                    "b_id": order_id,
+                    "b_status": "invalid",
+                    "b_error": json.dumps(error) if error else None,
+                },
             )
         elif statuses and all(s == "valid" for s in statuses):
-            session.execute(
-                update(AcmeOrder)
-                .where(AcmeOrder.id == order_id, AcmeOrder.status == "pending")
-                .values(status="ready")
+            connection.execute(
+                _PENDING_ORDER_TO, {"b_id": order_id, "b_status": "ready", "b_error": None}
             )
 
     def deactivate_authorization(self, authz_id: str) -> bool:
         """§7.5.2: a pending or valid authorization may be deactivated by its account."""
-        with self.storage.transaction(durable=False) as session:
-            result = session.execute(
+        with self.storage.write(durable=False) as connection:
+            result = connection.execute(
                 update(AcmeAuthorization)
                 .where(
                     AcmeAuthorization.id == authz_id,
@@ -643,50 +762,37 @@ class AcmeStore:
             )
             if rowcount(result) != 1:
                 return False
-            order_ids = list(
-                session.scalars(
-                    select(AcmeOrderAuthorization.order_id).where(
-                        AcmeOrderAuthorization.authorization_id == authz_id
-                    )
-                )
-            )
-            for order_id in order_ids:
-                self._settle_order(session, order_id, None)
+            for order_id in list(connection.scalars(_AUTHZ_ORDER_IDS, {"b_id": authz_id})):
+                self._settle_order(connection, order_id, None)
             return True
 
     def begin_finalize(self, order_id: str) -> bool:
         """ready → processing, exactly once: of two finalize requests only one proceeds."""
-        with self.storage.transaction(durable=False) as session:
-            result = session.execute(
-                update(AcmeOrder)
-                .where(
-                    AcmeOrder.id == order_id,
-                    AcmeOrder.status == "ready",
-                    AcmeOrder.expires > self.clock.now(),
-                )
-                .values(status="processing", processing_since=self.clock.now())
+        with self.storage.write(durable=False) as connection:
+            result = connection.execute(
+                _BEGIN_FINALIZE, {"b_id": order_id, "b_now": self.clock.now()}
             )
             return rowcount(result) == 1
 
     def complete_order(self, order_id: str, serial: str) -> None:
-        with self.storage.transaction(durable=False) as session:
-            session.execute(
-                update(AcmeOrder)
-                .where(AcmeOrder.id == order_id, AcmeOrder.status == "processing")
-                .values(status="valid", certificate_serial=serial)
+        with self.storage.write(durable=False) as connection:
+            connection.execute(
+                _PROCESSING_ORDER_TO,
+                {"b_id": order_id, "b_status": "valid", "b_error": None, "b_serial": serial},
             )
 
     def fail_order(self, order_id: str, error: dict[str, Any], *, back_to_ready: bool) -> None:
         """A finalize that failed: invalid with its error, or (for a transient failure such
         as the HSM or database being down) ready again so the client may retry."""
-        with self.storage.transaction(durable=False) as session:
-            session.execute(
-                update(AcmeOrder)
-                .where(AcmeOrder.id == order_id, AcmeOrder.status == "processing")
-                .values(
-                    status="ready" if back_to_ready else "invalid",
-                    error=None if back_to_ready else json.dumps(error),
-                )
+        with self.storage.write(durable=False) as connection:
+            connection.execute(
+                _PROCESSING_ORDER_TO,
+                {
+                    "b_id": order_id,
+                    "b_status": "ready" if back_to_ready else "invalid",
+                    "b_error": None if back_to_ready else json.dumps(error),
+                    "b_serial": None,
+                },
             )
 
     def order_replacing(self, replaces: str) -> str | None:

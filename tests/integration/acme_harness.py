@@ -243,6 +243,7 @@ class AcmeServer:
     config: Path | None = None  # certwright's configuration file
     management_url: str | None = None  # Pebble's management interface
     http_base_url: str | None = None  # certwright's plain-HTTP listener
+    process_group: int | None = None  # the server's processes (benchmarks count their CPU)
 
     def certificate_status(self, serial: int) -> str:
         """The server's own record of a certificate: "valid"/"issued", "revoked", ..."""
@@ -386,6 +387,7 @@ def pebble_server(workdir: Path, dns: ChallTestSrv) -> Iterator[AcmeServer]:
             workdir=workdir,
             log=log,
             management_url=management,
+            process_group=process.pid,
         )
 
 
@@ -450,6 +452,7 @@ def certwright_server(
             log=log,
             config=config,
             http_base_url=http_base,
+            process_group=process.pid,
         )
 
 

@@ -1152,6 +1152,40 @@ def test_caa_naming_us_allows_issuance(server: Server, dns: ChallTestSrv) -> Non
     assert issued.order["status"] == "valid"
 
 
+@sqlite_only
+def test_caa_is_rechecked_at_finalize_when_the_validation_is_old(
+    server: Server, dns: ChallTestSrv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """BR 3.2.2.8 via RFC 8555: a validation older than CAA_RECHECK_AFTER (8 hours) has its CAA
+    looked up again at finalize; a younger one stands on the lookup made when it was validated."""
+    import acme.service
+
+    client = server.account()
+    recent_url, recent = ready_order(server, client, dns_ids("www.recheck-young.test"))
+    old_url, old = ready_order(server, client, dns_ids("www.recheck-old.test"))
+    for host in ("recheck-young.test.", "recheck-old.test."):
+        dns._post("/add-caa", {"host": host, "policies": [{"tag": "issue", "value": "ca.other"}]})
+
+    # Validated moments ago: no lookup at finalize, the certificate is issued.
+    _, response = finalize(client, recent, ["www.recheck-young.test"])
+    assert response.status_code == 200, response.get_data(as_text=True)
+    assert response.get_json()["status"] == "valid"
+
+    # The same, once every validation counts as old: CAA now forbids us, and the order stays
+    # ready (nothing was reserved), so the client may finalize again once CAA allows it.
+    monkeypatch.setattr(acme.service, "CAA_RECHECK_AFTER", datetime.timedelta(0))
+    _, response = finalize(client, old, ["www.recheck-old.test"])
+    assert response.status_code == 403, response.get_data(as_text=True)
+    problem = response.get_json()
+    assert problem["type"] == ERROR + "caa"
+    assert problem["identifier"] == {"type": "dns", "value": "www.recheck-old.test"}
+    assert client.get(old_url).get_json()["status"] == "ready"
+    dns._post("/clear-caa", {"host": "recheck-old.test."})
+    _, response = finalize(client, old, ["www.recheck-old.test"])
+    assert response.status_code == 200, response.get_data(as_text=True)
+    assert client.get(recent_url).get_json()["status"] == "valid"
+
+
 def order_url_of(client: AcmeClient, order: dict[str, Any]) -> str:
     """The order URL, from its finalize URL (…/order/<id>/finalize)."""
     return str(order["finalize"]).removesuffix("/finalize")
