@@ -24,66 +24,212 @@ def _memoize_dispatch(container: Any) -> Any:
 
     pkilint asks every validator of a container whether it matches every node below it
     (`ValidatorContainer._validate_rec`): thousands of `match()` calls per certificate, half of
-    the lint's cost. pkilint's stock `NodeVisitor.match()`, for a validator with neither a
-    predicate nor a supertype test, depends only on the node's path and the Python type of its
-    value, and our certificates repeat the same paths; so that answer is computed once per
-    (path, type) and kept. A validator with its own `match()` that starts from
-    `super().match(node)` (every one in pkilint does) is skipped where the stock answer is no,
-    and asked where it is yes; any other validator is asked every time. The findings are
-    identical: tests/unit/test_lint.py compares them with stock pkilint's.
+    the lint's cost. pkilint's stock `NodeVisitor.match()` tests, in order, the node's path
+    (`path`, `path_re`), the Python type of its value (`pdu_class`), `pdu_supertype` and a
+    `predicate`; the first three depend only on the node's path and the type of its value, and
+    our certificates repeat the same paths; so that part of the answer is computed once per
+    (path, type) and kept. Then, per validator, only what is left is asked at each node:
+
+    - nothing, for a validator with the stock `match()` and neither predicate nor supertype;
+    - its predicate, for one with the stock `match()` and a predicate (no supertype);
+    - the extension's OID, for pkilint's `ExtensionCriticalityValidator.match()` (the stock
+      test, then `_type_oid == node.children["extnID"].pdu`), read once per node;
+    - the type node's value, for pkilint's `TypeMatchingValidator.match()` (the stock test,
+      then `node.navigate(type_path).pdu == type_oid`), with the navigation done directly for
+      a plain relative path, and by `match()` itself whenever it fails or the path is unusual;
+    - `match()` itself, for any other validator with its own `match()`: where the stock answer
+      is no, only if it does not start from `super().match(node)` (every one in pkilint does).
+
+    The findings, and their order, are identical: tests/unit/test_lint.py compares them with
+    stock pkilint's.
     """
     from pkilint.document import NodeVisitor
-    from pkilint.validation import ValidatorContainer
+    from pkilint.pkix.extension import ExtensionCriticalityValidator
+    from pkilint.validation import TypeMatchingValidator, ValidatorContainer
+    from pyasn1.type import univ
 
     stock_match = NodeVisitor.match
-    fixed, prefiltered, live = 0, 1, 2
+    extension_match = ExtensionCriticalityValidator.match
+    type_match = TypeMatchingValidator.match
+    # What a plan asks of a validator at each node, once the stock path/type test said yes.
+    run, ask, predicate, extension, typed = range(5)
+    # How a validator's stock path/type test is used: given per (path, type), or not at all.
+    static, dynamic = 0, 1
 
-    def kind(validator: Any) -> int:
-        if (
-            getattr(validator, "_predicate", None) is not None
-            or getattr(validator, "_pdu_supertype", None) is not None
-        ):
-            return live
+    def static_match(validator: Any, node: Any) -> bool:
+        """NodeVisitor.match() without its supertype and predicate tests."""
+        path = validator._path
+        if path is not None and path != node.path:
+            return False
+        path_re = validator._path_re
+        if path_re is not None and path_re.match(node.path) is None:
+            return False
+        pdu_class = validator._pdu_class
+        return pdu_class is None or isinstance(node.pdu, pdu_class)
+
+    def classify(validator: Any) -> tuple[int, int, Any]:
+        """(what to ask, how the static test is used, what the question needs)."""
         match = type(validator).match
+        has_predicate = getattr(validator, "_predicate", None) is not None
+        if getattr(validator, "_pdu_supertype", None) is not None:
+            return ask, dynamic, None
         if match is stock_match:
-            return fixed
+            return (predicate if has_predicate else run), static, None
+        if has_predicate:
+            return ask, dynamic, None
+        if match is extension_match:
+            oid: Any = getattr(validator, "_type_oid", None)
+            if type(oid) is univ.ObjectIdentifier and oid.isValue:
+                return extension, static, oid.asTuple()
+        if match is type_match:
+            path = getattr(validator, "type_path", None)
+            if isinstance(path, str) and ":" not in path and all(path.split(".")):
+                return typed, static, tuple(path.split("."))
         try:
             source = inspect.getsource(match)
         except (OSError, TypeError):
-            return live
-        return prefiltered if "super().match(node)" in source else live
+            return ask, dynamic, None
+        return ask, (static if "super().match(node)" in source else dynamic), None
+
+    def navigate(node: Any, parts: tuple[str, ...]) -> Any:
+        """PDUNode.navigate() for a relative path without a document name."""
+        for part in parts:
+            node = node.parent if part == "^" else node.children[part]
+        return node
+
+    def extension_oid(node: Any) -> tuple[int, ...] | None:
+        """The node's extnID as a tuple, or None to ask `match()` itself."""
+        try:
+            oid = node.children["extnID"].pdu
+        except (KeyError, AttributeError):
+            return None
+        if type(oid) is not univ.ObjectIdentifier or not oid.isValue:
+            return None
+        return oid.asTuple()  # type: ignore[no-any-return]
 
     def patch(node: Any) -> None:
         if not isinstance(node, ValidatorContainer) or "_validate_rec" in vars(node):
             return
-        plans: dict[tuple[str, type], list[tuple[Any, bool]]] = {}
-        validators = [(v, kind(v)) for v in node.validators]
+        plans: dict[tuple[str, type], tuple[tuple[Any, int, Any], ...]] = {}
+        validators = [(v, *classify(v)) for v in node.validators]
 
         def validate_rec(pdu_node: Any, results: list[Any]) -> None:
             key = (pdu_node.path, type(pdu_node.pdu))
             plan = plans.get(key)
             if plan is None:
-                # (validator, ask it each time?) for every validator that may match here.
-                plan = [
-                    (v, k != fixed) for v, k in validators if k == live or stock_match(v, pdu_node)
-                ]
+                plan = tuple(
+                    (v, question, extra)
+                    for v, question, use, extra in validators
+                    if use == dynamic or static_match(v, pdu_node)
+                )
                 plans[key] = plan
-            for validator, ask in plan:
-                if ask and not validator.match(pdu_node):
-                    continue
-                result = validator.validate_wrapper(pdu_node)
-                if isinstance(result, list):
-                    results += result
-                else:
-                    results.append(result)
+            if plan:
+                node_oid: Any = False  # not read yet
+                for validator, question, extra in plan:
+                    if question == ask:
+                        if not validator.match(pdu_node):
+                            continue
+                    elif question == predicate:
+                        if not validator._predicate(pdu_node):
+                            continue
+                    elif question == extension:
+                        if node_oid is False:
+                            node_oid = extension_oid(pdu_node)
+                        if node_oid is None:
+                            if not validator.match(pdu_node):
+                                continue
+                        elif extra != node_oid:
+                            continue
+                    elif question == typed:
+                        try:
+                            type_value = navigate(pdu_node, extra).pdu
+                        except (KeyError, AttributeError):
+                            if not validator.match(pdu_node):  # raises as pkilint would
+                                continue
+                        else:
+                            # `==`, exactly as TypeMatchingValidator.match() compares.
+                            matched = type_value == validator.type_oid
+                            if not matched:
+                                continue
+                    result = validator.validate_wrapper(pdu_node)
+                    if isinstance(result, list):
+                        results += result
+                    else:
+                        results.append(result)
             for child in pdu_node.children.values():
                 validate_rec(child, results)
 
         node._validate_rec = validate_rec
-        for child, _ in validators:
+        for child, *_ in validators:
             patch(child)
 
     patch(container)
+    return container
+
+
+_VALUE_RESULTS_ENTRIES = 4096
+
+
+def _memoize_name_syntax(container: Any) -> Any:
+    """Check each distinct name or URI string once per validator, not once per certificate.
+
+    pkilint's syntax checks of a URI, domain name or e-mail address (`validators.url()` and
+    friends: 50 µs a URI) read nothing but the string value of the node and whether the node
+    lies below a NameConstraints extension; our certificates repeat the same AIA and CRL URLs.
+    So for these validators, by exact class, the findings are kept per (validator, value type,
+    value, below NameConstraints) and given again, for the node at hand, when all three recur.
+    Outcomes from an unexpected exception are not kept. Runs under `_lock`, like every lint.
+    """
+    from pkilint.pkix import general_name
+    from pkilint.validation import ValidationResult, Validator, ValidatorContainer
+
+    memoized = {
+        general_name.UriSyntaxValidator,
+        general_name.DomainNameSyntaxValidator,
+        general_name.MailboxAddressSyntaxValidator,
+        general_name.GeneralNameUriSyntaxValidator,
+        general_name.GeneralNameDnsNameSyntaxValidator,
+        general_name.GeneralNameMailboxAddressSyntaxValidator,
+    }
+    unhandled = Validator.VALIDATION_FINDING_UNHANDLED_EXCEPTION
+    in_name_constraints = general_name.is_nameconstraints_child_node
+
+    def memoize(validator: Any) -> None:
+        if "validate_wrapper" in vars(validator):
+            return
+        stock = validator.validate_wrapper
+        outcomes: dict[tuple[type, str, bool], tuple[Any, ...]] = {}
+
+        def validate_wrapper(node: Any) -> Any:
+            try:
+                key = (type(node.pdu), str(node.pdu), in_name_constraints(node))
+            except Exception:  # the validator meets the same failure and reports it
+                return stock(node)
+            findings = outcomes.get(key)
+            if findings is not None:
+                return ValidationResult(validator, node, list(findings))
+            result = stock(node)
+            if (
+                isinstance(result, ValidationResult)
+                and result.validator is validator
+                and result.node is node
+                and all(d.finding is not unhandled for d in result.finding_descriptions)
+            ):
+                if len(outcomes) >= _VALUE_RESULTS_ENTRIES:
+                    outcomes.clear()
+                outcomes[key] = tuple(result.finding_descriptions)
+            return result
+
+        validator.validate_wrapper = validate_wrapper
+
+    def walk(node: Any) -> None:
+        if type(node) in memoized:
+            memoize(node)
+        if isinstance(node, ValidatorContainer):
+            for child in node.validators:
+                walk(child)
+
+    walk(container)
     return container
 
 
@@ -179,20 +325,19 @@ def errors(findings: list[Finding]) -> list[Finding]:
 def _certificate_validator() -> Any:
     from pkilint.pkix import certificate, extension, name
 
-    return _memoize_dispatch(
-        certificate.create_pkix_certificate_validator_container(
-            certificate.create_decoding_validators(
-                name.ATTRIBUTE_TYPE_MAPPINGS, extension.EXTENSION_MAPPINGS
-            ),
-            [
-                certificate.create_issuer_validator_container([]),
-                certificate.create_validity_validator_container(),
-                certificate.create_subject_validator_container([]),
-                certificate.create_extensions_validator_container([]),
-                certificate.create_spki_validator_container([]),
-            ],
-        )
+    validator = certificate.create_pkix_certificate_validator_container(
+        certificate.create_decoding_validators(
+            name.ATTRIBUTE_TYPE_MAPPINGS, extension.EXTENSION_MAPPINGS
+        ),
+        [
+            certificate.create_issuer_validator_container([]),
+            certificate.create_validity_validator_container(),
+            certificate.create_subject_validator_container([]),
+            certificate.create_extensions_validator_container([]),
+            certificate.create_spki_validator_container([]),
+        ],
     )
+    return _memoize_dispatch(_memoize_name_syntax(validator))
 
 
 @functools.cache
@@ -306,6 +451,21 @@ def _load(
         raise CAError(Kind.LINT, f"pkilint cannot decode the {name}: {exc}") from None
 
 
+def _dismantle(*documents: Any) -> None:
+    """Break the reference cycles of linted documents (node <-> parent, node <-> document) so
+    that they are freed at once rather than by the cyclic collector: ~150 nodes a certificate,
+    whose collection cost a sixth of the lint time. Only after the findings are taken."""
+    for document in documents:
+        stack = [document.root] if document.root is not None else []
+        document.root = None
+        while stack:
+            node = stack.pop()
+            stack.extend(node.children.values())
+            node.children = {}
+            node.parent = None
+            node.document = None
+
+
 def warm_up() -> None:
     """Build the validator trees now rather than on the first request."""
     _cache_small_decodes()
@@ -320,7 +480,10 @@ def lint_certificate(der: bytes) -> list[Finding]:
         _cache_small_decodes()
         validator = _certificate_validator()
         document = _load("RFC5280CertificateDocumentLoader", der, "certificate")
-        return _findings(validator.validate(document.root))
+        try:
+            return _findings(validator.validate(document.root))
+        finally:
+            _dismantle(document)
 
 
 def lint_chain(issuer_der: bytes, subject_der: bytes) -> list[Finding]:
@@ -332,9 +495,12 @@ def lint_chain(issuer_der: bytes, subject_der: bytes) -> list[Finding]:
         collection["issuer"] = issuer
         subject = _load("RFC5280CertificateDocumentLoader", subject_der, "subject", collection)
         collection["subject"] = subject
-        results = decoders.validate(issuer.root) + decoders.validate(subject.root)
-        results += issuer_v.validate(issuer.root) + subject_v.validate(subject.root)
-        return _findings(results)
+        try:
+            results = decoders.validate(issuer.root) + decoders.validate(subject.root)
+            results += issuer_v.validate(issuer.root) + subject_v.validate(subject.root)
+            return _findings(results)
+        finally:
+            _dismantle(issuer, subject)
 
 
 def lint_crl(der: bytes, *, arl: bool = False, br: bool = False) -> list[Finding]:
@@ -342,7 +508,10 @@ def lint_crl(der: bytes, *, arl: bool = False, br: bool = False) -> list[Finding
     with _lock:
         validator = _crl_validator(arl, br)
         document = _load("RFC5280CertificateListDocumentLoader", der, "CRL")
-        return _findings(validator.validate(document.root))
+        try:
+            return _findings(validator.validate(document.root))
+        finally:
+            _dismantle(document)
 
 
 def lint_ocsp_response(der: bytes) -> list[Finding]:
@@ -350,7 +519,10 @@ def lint_ocsp_response(der: bytes) -> list[Finding]:
     with _lock:
         validator = _ocsp_validator()
         document = _load("RFC6960OCSPResponseDocumentLoader", der, "OCSP response")
-        return _findings(validator.validate(document.root))
+        try:
+            return _findings(validator.validate(document.root))
+        finally:
+            _dismantle(document)
 
 
 def require_clean(findings: list[Finding], what: str) -> None:
