@@ -21,7 +21,7 @@ from acme.validation import (
     ValidationConfig,
     ValidationError,
     check_hostname,
-    dns_lookup,
+    dns_lookups,
     make_resolver,
     split_wildcard,
 )
@@ -117,12 +117,12 @@ def _relevant_rrset(host: str, cfg: ValidationConfig) -> tuple[str, list[CAAProp
     Aliases are followed by the resolver within each query, as §3 expects; the climb itself
     goes up the original name's labels. The root is not queried: it holds no CAA.
     """
-    resolver = make_resolver(cfg)
-    deadline = Deadline(cfg.timeout)
     labels = host.split(".")
-    for start in range(len(labels)):
-        owner = ".".join(labels[start:])
-        result = dns_lookup(resolver, owner, "CAA", deadline)
+    owners = [".".join(labels[start:]) for start in range(len(labels))]
+    results = dns_lookups(
+        make_resolver(cfg), [(owner, "CAA") for owner in owners], Deadline(cfg.timeout)
+    )
+    for owner, result in zip(owners, results, strict=True):
         if isinstance(result, Absent):
             continue
         properties = [

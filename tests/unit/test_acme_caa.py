@@ -37,6 +37,7 @@ class StaticDNSServer:
         self.records: dict[tuple[str, str], list[str]] = {}
         self.cnames: dict[str, str] = {}
         self.servfail: set[str] = set()
+        self.drop_once: set[str] = set()  # the first query for these names goes unanswered
         self.queries: list[tuple[str, str]] = []
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self._sock.bind(("127.0.0.1", 0))
@@ -89,6 +90,11 @@ class StaticDNSServer:
             try:
                 query = dns.message.from_wire(wire)
             except dns.exception.DNSException:
+                continue
+            name = query.question[0].name.to_text().lower()
+            if name in self.drop_once:
+                self.drop_once.discard(name)
+                self.queries.append((name, "dropped"))
                 continue
             self._sock.sendto(self._answer(query).to_wire(), peer)
 
@@ -377,6 +383,40 @@ def test_servfail_on_a_parent_is_dns_problem(
     with pytest.raises(ValidationError) as caught:
         caa_check(f"www.{zone}", cfg)
     assert caught.value.problem_type == "dns"
+
+
+def test_a_failure_above_the_closest_rrset_does_not_matter(
+    dns_server: StaticDNSServer, cfg: ValidationConfig, zone: str
+) -> None:
+    # Every label is asked at once, but the climb stops at the closest RRset (RFC 8659 §3):
+    # what a parent answered, SERVFAIL included, is never looked at.
+    dns_server.caa(f"www.{zone}", f'0 issue "{OURS}"')
+    dns_server.servfail.add(f"{zone}.")
+    caa_check(f"www.{zone}", cfg)
+
+
+def test_labels_are_asked_once_each_in_one_round_trip(
+    dns_server: StaticDNSServer, cfg: ValidationConfig, zone: str
+) -> None:
+    dns_server.add(f"www.{zone}", "A", "192.0.2.1")
+    caa_check(f"www.{zone}", cfg)
+    assert sorted(dns_server.queries) == sorted(
+        [(f"www.{zone}.", "CAA"), (f"{zone}.", "CAA"), ("test.", "CAA")]
+    )
+    dns_server.queries.clear()
+    assert [str(a) for a in resolve(f"www.{zone}", cfg)] == ["192.0.2.1"]
+    assert sorted(dns_server.queries) == [(f"www.{zone}.", "A"), (f"www.{zone}.", "AAAA")]
+
+
+def test_a_lost_answer_is_asked_again(
+    dns_server: StaticDNSServer, cfg: ValidationConfig, zone: str
+) -> None:
+    dns_server.caa(zone, '0 issue "other-ca.example"')
+    dns_server.drop_once.add(f"{zone}.")
+    error = refused(f"www.{zone}", cfg)  # the parent's record is found on the second asking
+    assert "other-ca.example" in error.detail or zone in error.detail
+    assert dns_server.queries.count((f"{zone}.", "CAA")) == 1
+    assert (f"{zone}.", "dropped") in dns_server.queries
 
 
 def test_unreachable_resolver_is_dns_problem(zone: str) -> None:
