@@ -276,10 +276,11 @@ def dns_lookups(
     The queries go out together over one UDP socket to the resolver's first server (Boulder,
     too, climbs CAA in parallel): one wait instead of one per query, and an empty answer (most
     of a CAA climb) is read from its header (`_empty_answer`). Only plain answers are taken
-    from there: NOERROR (the CNAME chain followed as dnspython's resolver does) and NXDOMAIN. Any other outcome (truncated, SERVFAIL,
-    REFUSED, lost, a socket error) is asked again through `dns_lookup`, with its retries, TCP
-    fallback and error messages, when the caller reaches it: a caller that stops early (CAA
-    found on a closer name) never sees a failure further up.
+    from there: NOERROR (the CNAME chain followed as dnspython's resolver does) and NXDOMAIN.
+    Any other outcome (truncated, SERVFAIL, REFUSED, lost, a socket error) is asked again
+    through `dns_lookup`, with its retries, TCP fallback and error messages, when the caller
+    reaches it: a caller that stops early (CAA found on a closer name) never sees a failure
+    further up.
     """
     results: list[dns.rrset.RRset | Absent | None] = [None] * len(queries)
     server = resolver.nameservers[0] if resolver.nameservers else None
