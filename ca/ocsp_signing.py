@@ -395,28 +395,31 @@ def refresh_ocsp(signer: OcspSigner, *, batch: int = 500, lint_sample: bool = Tr
     query. Pages by certificate id, so a certificate that cannot be signed is not retried in
     the same call and the loop always ends."""
     storage, clock = signer.storage, signer.clock
-    now = clock.now()
-    issuers = [i.id for i in ocsp_issuers(storage, now)]
-    for issuer_id in issuers:
-        signer.signer(issuer_id)  # renews a delegated responder that is due
-    signed, after_id, linted = 0, 0, not lint_sample
-    while issuers:
-        due = store.due_for_ocsp(
-            storage, now, now - signer.settings.refresh_after, after_id, batch, issuers
-        )
-        if not due:
-            break
-        rows = [signer.row(status) for _, status in due]
-        if not linted:
-            # One response per call through pkilint (~3 ms each, DESIGN.md §6): the responses
-            # differ only in serial, status and times, so one checks the shape of all.
-            lint.require_clean(lint.lint_ocsp_response(rows[0].der), "OCSP response")
-            linted = True
-        store.store_ocsp_responses(storage, rows)
-        signed += len(rows)
-        after_id = due[-1][0]
-    pruned = store.prune_ocsp_responses(storage, now - datetime.timedelta(days=1))
-    return OcspRefresh(signed, pruned)
+    with store.ocsp_refresh_turn(storage) as ours:
+        if not ours:
+            return OcspRefresh(0, 0)  # another job process is refreshing right now
+        now = clock.now()
+        issuers = [i.id for i in ocsp_issuers(storage, now)]
+        for issuer_id in issuers:
+            signer.signer(issuer_id)  # renews a delegated responder that is due
+        signed, after_id, linted = 0, 0, not lint_sample
+        while issuers:
+            due = store.due_for_ocsp(
+                storage, now, now - signer.settings.refresh_after, after_id, batch, issuers
+            )
+            if not due:
+                break
+            rows = [signer.row(status) for _, status in due]
+            if not linted:
+                # One response per call through pkilint: the responses differ only in
+                # serial, status and times, so one checks the shape of all.
+                lint.require_clean(lint.lint_ocsp_response(rows[0].der), "OCSP response")
+                linted = True
+            store.store_ocsp_responses(storage, rows)
+            signed += len(rows)
+            after_id = due[-1][0]
+        pruned = store.prune_ocsp_responses(storage, now - datetime.timedelta(days=1))
+        return OcspRefresh(signed, pruned)
 
 
 def revocation_listener(signer: OcspSigner) -> Callable[[CertificateRecord], None]:

@@ -224,11 +224,37 @@ def crl_signing_lock(storage: Storage, issuer_id: str, shard: int) -> Iterator[N
     if storage.dialect != "postgresql":
         yield
         return
-    digest = hashlib.blake2b(f"crl:{issuer_id}:{shard}".encode(), digest_size=8).digest()
-    key = int.from_bytes(digest, "big", signed=True)
+    key = _advisory_key(f"crl:{issuer_id}:{shard}")
     with _database_errors(), storage.engine.connect() as connection, connection.begin():
         connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
         yield
+
+
+def _advisory_key(name: str) -> int:
+    """A PostgreSQL advisory lock key (a signed 64-bit integer) for a name."""
+    digest = hashlib.blake2b(name.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+@contextmanager
+def ocsp_refresh_turn(storage: Storage) -> Iterator[bool]:
+    """Whether this process refreshes the pre-signed OCSP responses now (True) or another one
+    is already at it (False: skip this round; it signs what is due, and the next round of
+    this process sees anything it missed).
+
+    Several `certwright serve` job processes can share one PostgreSQL database; without this,
+    each would sign every due response at once and all but one signature would be thrown
+    away. A transaction-level advisory lock, tried rather than waited for, held for the
+    refresh. SQLite serves one host, whose job processes race only harmlessly: always True.
+    """
+    if storage.dialect != "postgresql":
+        yield True
+        return
+    with _database_errors(), storage.engine.connect() as connection, connection.begin():
+        got = connection.execute(
+            text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": _advisory_key("ocsp-refresh")}
+        ).scalar()
+        yield bool(got)
 
 
 def insert_crl(

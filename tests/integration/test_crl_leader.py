@@ -5,7 +5,8 @@ same shards of one PostgreSQL database at the same moment (they wait on a shared
 Every attempt to store a signed CRL is counted in each process: an attempt that does not win
 its number would mean the issuer key signed a CRL that was thrown away (two CRLs with one
 number, RFC 5280 §5.2.3). The per-shard advisory lock in `ca.crl.sign_shard` makes the second
-process wait, re-read, and either stop (not needed) or sign the next number.
+process wait, re-read, and either stop (not needed) or sign the next number. Likewise, one
+process at a time pre-signs OCSP responses (`ca.ocsp_signing.refresh_ocsp`).
 """
 
 from __future__ import annotations
@@ -103,12 +104,20 @@ def _run_two(
     url: str, pki: SessionPKI, tmp_path: Path, rounds: int, force: bool
 ) -> list[dict[str, Any]]:
     start = tmp_path / f"start-{rounds}-{int(force)}"
+    args = [str(rounds), "1" if force else "0", str(SHARDS), BASE_URL]
+    return _start_two(_CHILD, url, pki, start, args)
+
+
+def _start_two(
+    script: str, url: str, pki: SessionPKI, start: Path, args: list[str]
+) -> list[dict[str, Any]]:
+    """Run `script` in two processes (argv: url, module, token, PIN, start file, *args) that
+    both load the token and the database, then start together; their last lines, as JSON."""
     env = {**os.environ, "SOFTHSM2_CONF": str(pki.softhsm_conf)}
-    args = [url, pki.module, ONLINE_TOKEN, ONLINE_PIN, str(start), str(rounds)]
-    args += ["1" if force else "0", str(SHARDS), BASE_URL]
+    args = [url, pki.module, ONLINE_TOKEN, ONLINE_PIN, str(start), *args]
     children = [
         subprocess.Popen(
-            [sys.executable, "-c", _CHILD, *args],
+            [sys.executable, "-c", script, *args],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -218,4 +227,49 @@ def test_refresh_after_a_revocation_is_not_lost(
     assert crl.get_revoked_certificate_by_serial_number(int(issued.record.serial, 16)) is not None
     assert crl.next_update_utc is not None
     assert crl.next_update_utc > datetime.datetime.now(datetime.UTC)
+    pg_storage.dispose()
+
+
+# One OCSP refreshing process: its first store of signed responses takes a second, so the two
+# processes are inside a refresh at the same time.
+_OCSP_CHILD = textwrap.dedent(
+    """
+    import json, sys, time
+    from pathlib import Path
+    from ca.hsm import Token
+    from ca.ocsp_signing import OcspSigner, refresh_ocsp
+    from ca.storage import Storage
+    from ca.storage import revocation as store
+    url, module, label, pin, start = sys.argv[1:6]
+    storage = Storage(url)
+    signer = OcspSigner(storage, Token(module, label, pin))
+    stored = []
+    real_store = store.store_ocsp_responses
+    def slow_store(storage, rows):
+        rows = list(rows)
+        time.sleep(1.0)
+        stored.extend(row.serial for row in rows)
+        return real_store(storage, rows)
+    store.store_ocsp_responses = slow_store
+    print("ready", flush=True)
+    while not Path(start).exists():
+        time.sleep(0.01)
+    result = refresh_ocsp(signer)
+    print(json.dumps({"signed": result.signed, "stored": stored}), flush=True)
+    """
+)
+
+
+def test_one_process_at_a_time_pre_signs_ocsp(
+    pg_storage: Storage, pki: SessionPKI, tmp_path: Path
+) -> None:
+    """Two job processes refreshing at once: one signs every due response, the other sees the
+    refresh under way and skips its round, so no response is signed twice."""
+    results = _start_two(_OCSP_CHILD, pg_storage.url, pki, tmp_path / "start-ocsp", [])
+    signed = sorted(r["signed"] for r in results)
+    assert signed == [0, 8], results  # _issue_and_revoke made 8 unexpired certificates
+    stored = [c for r in results for c in r["stored"]]
+    assert len(stored) == len(set(stored)) == 8
+    again = _start_two(_OCSP_CHILD, pg_storage.url, pki, tmp_path / "start-ocsp-2", [])
+    assert [r["signed"] for r in again] == [0, 0]  # nothing due any more
     pg_storage.dispose()
