@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import os
 import threading
+import time
 from typing import Any, NoReturn
 
 import pkcs11
@@ -72,6 +73,8 @@ _libraries_lock = threading.Lock()
 _generations: dict[str, int] = {}
 # Modules a login failed on: initialised anew before the next login (see `_reinitialize`).
 _stale: set[str] = set()
+# Pauses between tries to find and log into a token (see `Token._open`).
+_RETRY_PAUSES = (0.0, 0.02, 0.05, 0.1, 0.2)
 
 
 def _library(module: str) -> Any:
@@ -138,30 +141,45 @@ class Token:
         return f"Token(module={self.module!r}, label={self.label!r})"
 
     def _open(self) -> Any:
+        """Find the token and log in, in a session of our own.
+
+        SoftHSM rewrites a token's file at every login and reads it at C_Initialize; a
+        process reading it while another one rewrites it (gunicorn workers and the jobs
+        process starting together) can see the token missing, or fail the login with
+        GeneralError or UserPinNotInitialized. Those are tried again a few times, 20-200 ms
+        apart, in a library initialised anew; a wrong PIN is never tried twice (it counts
+        towards locking the PIN).
+        """
         lib = _library(self.module)
         if self.module in _stale:
             _reinitialize(self.module)
-        try:
+        for pause in (*_RETRY_PAUSES, None):
             try:
                 token = lib.get_token(token_label=self.label)
-            except p11err.PKCS11Error:
-                # Not found, or the library lost it (removed, then back): look once more in
-                # a library initialised anew. Finding a token logs into nothing.
-                _reinitialize(self.module)
-                token = lib.get_token(token_label=self.label)
-        except p11err.NoSuchToken:
-            raise CAError(Kind.HSM, f"HSM token {self.label!r} not found") from None
-        except p11err.PKCS11Error as exc:
-            raise _hsm_error(f"HSM token {self.label!r}", exc) from None
+                return self._login(token)
+            except (p11err.PinIncorrect, p11err.PinLocked) as exc:
+                _stale.add(self.module)  # a PIN changed back is read at the next initialisation
+                raise _hsm_error(f"login to HSM token {self.label!r}", exc) from None
+            except p11err.NoSuchToken:
+                if pause is None:
+                    raise CAError(Kind.HSM, f"HSM token {self.label!r} not found") from None
+            except p11err.PKCS11Error as exc:
+                if pause is None:
+                    _stale.add(self.module)
+                    raise _hsm_error(f"HSM token {self.label!r}", exc) from None
+            # Not found, or the library lost it (removed, then back), or caught mid-rewrite:
+            # look again in a library initialised anew. Finding a token logs into nothing.
+            time.sleep(pause)
+            _reinitialize(self.module)
+        raise AssertionError("unreachable")  # the last pass returns or raises
+
+    def _login(self, token: Any) -> Any:
         try:
             return token.open(user_pin=self._pin, rw=True)
         except p11err.UserAlreadyLoggedIn:
             # PKCS#11 login state is per application: another session of this process is
             # already logged in, so a new session shares that login.
             return token.open(rw=True)
-        except p11err.PKCS11Error as exc:
-            _stale.add(self.module)  # a PIN changed back is read at the next initialisation
-            raise _hsm_error(f"login to HSM token {self.label!r}", exc) from None
 
     def session(self) -> Any:
         with self._lock:

@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -154,13 +155,16 @@ def _numbers(storage: Storage) -> dict[int, list[int]]:
 
 
 @pytest.fixture
-def pg_storage(postgres_url: str, pki: SessionPKI) -> Storage:
+def pg_storage(postgres_url: str, pki: SessionPKI) -> Iterator[Storage]:
     storage = Storage(postgres_url)
-    storage.migrate()
-    for record in pki.issuers:
-        storage.add_issuer(record)
-    _issue_and_revoke(storage, pki)
-    return storage
+    try:
+        storage.migrate()
+        for record in pki.issuers:
+            storage.add_issuer(record)
+        _issue_and_revoke(storage, pki)
+        yield storage
+    finally:
+        storage.dispose()  # a failed test must not leave connections for the GC to warn of
 
 
 def test_first_refresh_by_two_processes_signs_each_shard_once(
@@ -172,7 +176,6 @@ def test_first_refresh_by_two_processes_signs_each_shard_once(
     signed = sorted(tuple(s) for r in results for s in r["signed"])
     assert signed == [(shard, 1) for shard in range(SHARDS)]
     assert _numbers(pg_storage) == {shard: [1] for shard in range(SHARDS)}
-    pg_storage.dispose()
 
 
 def test_forced_refreshes_by_two_processes_never_share_a_number(
@@ -186,7 +189,6 @@ def test_forced_refreshes_by_two_processes_never_share_a_number(
         # Each process signed each shard once per round; the numbers follow one another in the
         # order they were stored, none skipped, none reused.
         assert numbers[shard] == list(range(1, 2 * rounds + 1)), numbers[shard]
-    pg_storage.dispose()
 
 
 def test_refresh_after_a_revocation_is_not_lost(
@@ -227,7 +229,6 @@ def test_refresh_after_a_revocation_is_not_lost(
     assert crl.get_revoked_certificate_by_serial_number(int(issued.record.serial, 16)) is not None
     assert crl.next_update_utc is not None
     assert crl.next_update_utc > datetime.datetime.now(datetime.UTC)
-    pg_storage.dispose()
 
 
 # One OCSP refreshing process: its first store of signed responses takes a second, so the two
@@ -272,4 +273,3 @@ def test_one_process_at_a_time_pre_signs_ocsp(
     assert len(stored) == len(set(stored)) == 8
     again = _start_two(_OCSP_CHILD, pg_storage.url, pki, tmp_path / "start-ocsp-2", [])
     assert [r["signed"] for r in again] == [0, 0]  # nothing due any more
-    pg_storage.dispose()

