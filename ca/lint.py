@@ -323,9 +323,15 @@ def errors(findings: list[Finding]) -> list[Finding]:
 
 @functools.cache
 def _certificate_validator() -> Any:
+    return _memoize_dispatch(_memoize_name_syntax(stock_certificate_validator()))
+
+
+def stock_certificate_validator() -> Any:
+    """pkilint's RFC 5280 certificate validator as pkilint builds it, new at each call (the
+    tests compare ours with it)."""
     from pkilint.pkix import certificate, extension, name
 
-    validator = certificate.create_pkix_certificate_validator_container(
+    return certificate.create_pkix_certificate_validator_container(
         certificate.create_decoding_validators(
             name.ATTRIBUTE_TYPE_MAPPINGS, extension.EXTENSION_MAPPINGS
         ),
@@ -337,7 +343,6 @@ def _certificate_validator() -> Any:
             certificate.create_spki_validator_container([]),
         ],
     )
-    return _memoize_dispatch(_memoize_name_syntax(validator))
 
 
 @functools.cache

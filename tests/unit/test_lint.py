@@ -25,21 +25,9 @@ def _stock_findings(der: bytes) -> list[lint.Finding]:
     without our cache of small decodes)."""
     from pkilint import document as pkilint_document
     from pkilint import loader
-    from pkilint.pkix import certificate, extension, name
     from pyasn1_fasder import decode_der
 
-    validator = certificate.create_pkix_certificate_validator_container(
-        certificate.create_decoding_validators(
-            name.ATTRIBUTE_TYPE_MAPPINGS, extension.EXTENSION_MAPPINGS
-        ),
-        [
-            certificate.create_issuer_validator_container([]),
-            certificate.create_validity_validator_container(),
-            certificate.create_subject_validator_container([]),
-            certificate.create_extensions_validator_container([]),
-            certificate.create_spki_validator_container([]),
-        ],
-    )
+    validator = lint.stock_certificate_validator()
     with mock.patch.object(pkilint_document, "decode_der", decode_der):
         document = loader.RFC5280CertificateDocumentLoader().load_der_document(der, "certificate")
         return lint._findings(validator.validate(document.root))
