@@ -127,10 +127,10 @@ class EabKey:
 # The per-request reads, built once (see Storage's issuance statements for why).
 _ACCOUNT_BY_ID = select(AcmeAccount.__table__).where(AcmeAccount.id == bindparam("id"))
 _ORDER_BY_ID = select(AcmeOrder.__table__).where(AcmeOrder.id == bindparam("id"))
-_ORDER_AUTHZ_IDS = (
-    select(AcmeOrderAuthorization.authorization_id)
-    .where(AcmeOrderAuthorization.order_id == bindparam("id"))
-    .order_by(AcmeOrderAuthorization.authorization_id)
+# Sorted in Python, not by the database: PostgreSQL's collation orders ids its own way, and
+# `create_order` must list them as `order` does.
+_ORDER_AUTHZ_IDS = select(AcmeOrderAuthorization.authorization_id).where(
+    AcmeOrderAuthorization.order_id == bindparam("id")
 )
 _AUTHZ_BY_ID = select(AcmeAuthorization.__table__).where(AcmeAuthorization.id == bindparam("id"))
 _AUTHZ_CHALLENGES = (
@@ -587,7 +587,7 @@ class AcmeStore:
                 }
                 for challenge_type in spec.challenge_types
             )
-        # In the order `order()` reads them back.
+        # As `order()` lists them.
         authz_ids = tuple(sorted([*reused, *(row["id"] for row in authz_rows)]))
         with self.storage.write(durable=False) as connection:
             if authz_rows:
@@ -622,7 +622,7 @@ class AcmeStore:
             row = connection.execute(_ORDER_BY_ID, {"id": order_id}).first()
             if row is None:
                 return None
-            authz_ids = tuple(connection.scalars(_ORDER_AUTHZ_IDS, {"id": order_id}))
+            authz_ids = tuple(sorted(connection.scalars(_ORDER_AUTHZ_IDS, {"id": order_id})))
             return self._order(row, authz_ids)
 
     def _order(self, row: Any, authz_ids: tuple[str, ...]) -> Order:

@@ -392,6 +392,17 @@ def test_full_flow_issues_downloads_revokes_and_ari_asks_for_renewal(
     assert "Retry-After" in after.headers
 
 
+def test_an_order_lists_its_authorizations_the_same_way_each_time(server: Server) -> None:
+    client = server.account()
+    names = [f"n{i}-{case}.order-list.test" for i in range(6) for case in ("a", "B")]
+    created = client.new_order(dns_ids(*names))
+    assert created.status_code == 201, created.get_data(as_text=True)
+    listed = created.get_json()["authorizations"]
+    assert len(listed) == len(names)
+    fetched = client.get(created.headers["Location"]).get_json()["authorizations"]
+    assert fetched == listed
+
+
 def test_replaces_names_the_earlier_certificate(server: Server) -> None:
     client = server.account()
     first = issue(server, client, ["renew.test"])
