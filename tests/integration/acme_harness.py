@@ -391,8 +391,9 @@ def pebble_server(workdir: Path, dns: ChallTestSrv) -> Iterator[AcmeServer]:
         )
 
 
-def certwright_init(data_dir: Path, http_port: int) -> Path:
-    """`certwright init`: a demo CA in `data_dir` whose URLs name our plain-HTTP port."""
+def certwright_init(data_dir: Path, http_port: int, **env: str) -> Path:
+    """`certwright init`: a demo CA in `data_dir` whose URLs name our plain-HTTP port; `env`
+    adds settings (e.g. CERTWRIGHT_DATABASE__URL for a demo on PostgreSQL)."""
     result = subprocess.run(
         [
             str(CERTWRIGHT),
@@ -402,10 +403,10 @@ def certwright_init(data_dir: Path, http_port: int) -> Path:
             "--base-url",
             f"http://{LOOPBACK}:{http_port}",
         ],
-        env=clean_env(),
+        env=clean_env(**env),
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=180,
         check=False,
     )
     if result.returncode != 0:

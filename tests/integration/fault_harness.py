@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,17 +27,8 @@ from sqlalchemy import create_engine, func, select
 
 from ca.storage.models import Certificate
 from tests.integration.acme_client import AccountKey, AcmeClient, b64url, csr_der, ip_ids
+from tests.integration.acme_harness import LOOPBACK, VENV_BIN, certwright_init, free_port
 from tests.integration.test_acme_scaleout import ChallengeResponder, HttpsTransport
-
-VENV_BIN = Path(sys.executable).parent
-LOOPBACK = "127.0.0.1"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return int(s.getsockname()[1])
-
 
 # -- a PostgreSQL server of the test's own ------------------------------------------------------
 
@@ -128,24 +118,7 @@ class Serve:
             "CERTWRIGHT_ACME__HTTP01_PORT": str(responder_port),
             "CERTWRIGHT_ACME__CHALLENGE_WAIT_SECONDS": "20",
         }
-        result = subprocess.run(
-            [
-                str(VENV_BIN / "certwright"),
-                "init",
-                "--data-dir",
-                str(self.data),
-                "--base-url",
-                f"http://{LOOPBACK}:{self.http_port}",
-            ],
-            env=serve_env(self.env),
-            capture_output=True,
-            text=True,
-            timeout=180,
-            check=False,
-        )
-        if result.returncode != 0:
-            raise RuntimeError(f"certwright init: {result.stderr.strip()}")
-        self.env["CERTWRIGHT_CONFIG"] = str(self.data / "certwright.toml")
+        self.env["CERTWRIGHT_CONFIG"] = str(certwright_init(self.data, self.http_port, **self.env))
         self.root = self.data / "root.pem"
 
     @property
