@@ -477,6 +477,36 @@ class AcmeService:
         self, account: Account, challenge_id: str, account_uri: str | None = None
     ) -> tuple[Challenge, Authorization]:
         """§7.5.1: start validating (once), wait a little for it, return the current state."""
+        started = self.start_validation(account, challenge_id, account_uri)
+        if isinstance(started, concurrent.futures.Future):
+            wait = self.settings.challenge_wait
+            return self.validation_outcome(account, challenge_id, started, wait)
+        return started
+
+    def validation_outcome(
+        self,
+        account: Account,
+        challenge_id: str,
+        started: concurrent.futures.Future[tuple[Challenge, Authorization] | None],
+        wait: float,
+    ) -> tuple[Challenge, Authorization]:
+        """The challenge and authorization as the validation `started` left them when it ends
+        within `wait` seconds (0: no wait), else as stored (processing: the client polls, told
+        Retry-After)."""
+        with contextlib.suppress(concurrent.futures.TimeoutError):
+            outcome = started.result(timeout=wait)
+            if outcome is not None:
+                return outcome
+        return self.challenge_for(account, challenge_id)
+
+    def start_validation(
+        self, account: Account, challenge_id: str, account_uri: str | None = None
+    ) -> (
+        tuple[Challenge, Authorization]
+        | concurrent.futures.Future[tuple[Challenge, Authorization] | None]
+    ):
+        """§7.5.1: start validating the challenge, once; the running validation, or the
+        challenge and authorization as they stand when there is nothing to start."""
         challenge, authz = self.challenge_for(account, challenge_id)
         if authz.status != "pending" or challenge.status != "pending":
             return challenge, authz
@@ -495,12 +525,7 @@ class AcmeService:
         )
         if self.store.start_challenge(challenge.id):
             known = (dataclasses.replace(challenge, status="processing"), authz, account)
-            future = self._pool().submit(self.validate, challenge.id, account_uri, known)
-            # Still running after the wait: the client polls, told Retry-After.
-            with contextlib.suppress(concurrent.futures.TimeoutError):
-                outcome = future.result(timeout=self.settings.challenge_wait)
-                if outcome is not None:
-                    return outcome
+            return self._pool().submit(self.validate, challenge.id, account_uri, known)
         return self.challenge_for(account, challenge_id)
 
     def _pool(self) -> concurrent.futures.ThreadPoolExecutor:

@@ -6,6 +6,7 @@ Everything the protocol decides lives in acme/service.py.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import datetime
 import json
@@ -23,6 +24,7 @@ from acme.service import AcmeService, KeyInUse, problem_for
 from ca.errors import CAError
 from ca.runtime import Runtime
 from ca.storage.acme_store import Account, Authorization, Challenge, Order
+from ca.web import RESUME, defer
 
 log = logging.getLogger(__name__)
 
@@ -449,22 +451,37 @@ def blueprint(runtime: Runtime) -> Blueprint:
         busy = any(c.status == "processing" for c in authz.challenges)
         return respond(authz_json(authz), retry_after=1 if busy else None)
 
-    @bp.post("/chall/<challenge_id>")
-    def challenge(challenge_id: str) -> Response:
-        parsed, acct = authenticate()
-        assert acct is not None
-        if parsed.is_post_as_get:
-            current, authz = service().challenge_for(acct, challenge_id)
-        else:
-            parsed.json_payload()  # §7.5.1: the response is an empty JSON object
-            current, authz = service().respond_to_challenge(
-                acct, challenge_id, account_url(acct.id)
-            )
+    def challenge_response(current: Challenge, authz: Authorization) -> Response:
         return respond(
             challenge_json(current),
             links=[(authz_url(authz.id), "up")],
             retry_after=1 if current.status == "processing" else None,
         )
+
+    @bp.post("/chall/<challenge_id>")
+    def challenge(challenge_id: str) -> Response:
+        resume = request.environ.get(RESUME)
+        if resume is not None:  # the second call of a deferred answer (ca.web.defer)
+            return resume()  # type: ignore[no-any-return]
+        parsed, acct = authenticate()
+        assert acct is not None
+        if parsed.is_post_as_get:
+            return challenge_response(*service().challenge_for(acct, challenge_id))
+        parsed.json_payload()  # §7.5.1: the response is an empty JSON object
+        started = service().start_validation(acct, challenge_id, account_url(acct.id))
+        if not isinstance(started, concurrent.futures.Future):
+            return challenge_response(*started)
+        # The validation's network I/O runs in another thread. Where the server can, this
+        # process serves other requests while it runs, and answers when it ends (or after
+        # challenge_wait_seconds, as processing).
+        wait = service().settings.challenge_wait
+
+        def finish() -> Response:
+            return challenge_response(*service().validation_outcome(acct, challenge_id, started, 0))
+
+        if defer(started, wait, finish):
+            return Response(status=202)  # never sent: the server calls the app again
+        return challenge_response(*service().validation_outcome(acct, challenge_id, started, wait))
 
     # -- certificates (§7.4.2, §7.6) --------------------------------------------------------
 

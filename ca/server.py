@@ -18,6 +18,7 @@ the server certificate is made in a spawned child.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import importlib.metadata
 import io
@@ -41,7 +42,7 @@ from gunicorn.app.base import BaseApplication  # type: ignore[import-untyped]
 from gunicorn.glogging import Logger  # type: ignore[import-untyped]
 from gunicorn.workers import SUPPORTED_WORKERS  # type: ignore[import-untyped]
 
-from ca import metrics
+from ca import metrics, web
 from ca.config import Config
 from ca.errors import CAError, Kind
 from ca.issuance import IssuanceRequest
@@ -123,8 +124,6 @@ class _Application(BaseApplication):  # type: ignore[misc]  # gunicorn ships no 
             self.cfg.set("control_socket_disable", True)
 
     def load(self) -> Any:
-        from ca.web import create_app
-
         # Runs in each worker after fork: the runtime, and with it the HSM session, is the
         # worker's own.
         # The HTTPS arbiter is the parent of the HTTP and jobs children; a worker forked from
@@ -133,7 +132,7 @@ class _Application(BaseApplication):  # type: ignore[misc]  # gunicorn ships no 
         # in the children it starts itself.
         getattr(multiprocessing.process, "_children", set()).clear()
         runtime = Runtime(self._config)
-        app = create_app(runtime, self._listener)
+        app = web.create_app(runtime, self._listener)
         if self._listener == "https":
             try:
                 runtime.authority.warm_up()  # the first certificate should not pay for it
@@ -177,6 +176,29 @@ class WsgiOverAsgi:
                 await send({"type": "http.response.start", "status": 413, "headers": []})
                 await send({"type": "http.response.body", "body": b""})
                 return
+        environ = wsgi_environ(scope, b"".join(chunks))
+        deferred: list[tuple[Any, float, Any]] = []
+        environ[web.DEFER] = lambda *deferral: deferred.append(deferral)
+        status, headers, body = self._call(environ)
+        if deferred:
+            # ca.web.defer: wait for the future here, serving other requests meanwhile, then
+            # ask the app again; the first answer is never sent.
+            future, timeout, resume = deferred[0]
+            await asyncio.wait([asyncio.wrap_future(future)], timeout=timeout)
+            del environ[web.DEFER]
+            environ[web.RESUME] = resume
+            status, headers, body = self._call(environ)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": int(status[:3]),
+                "headers": [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    def _call(self, environ: dict[str, Any]) -> tuple[str, list[tuple[str, str]], bytes]:
+        """One synchronous call of the WSGI app: status, headers and the whole body."""
         started: list[Any] = []
         parts: list[bytes] = []
 
@@ -188,7 +210,7 @@ class WsgiOverAsgi:
             started[:] = [status, headers]
             return parts.append
 
-        result = self.app(wsgi_environ(scope, b"".join(chunks)), start_response)
+        result = self.app(environ, start_response)
         try:
             parts.extend(part for part in result if part)
         finally:
@@ -196,14 +218,7 @@ class WsgiOverAsgi:
             if close is not None:
                 close()
         status, headers = started
-        await send(
-            {
-                "type": "http.response.start",
-                "status": int(status[:3]),
-                "headers": [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers],
-            }
-        )
-        await send({"type": "http.response.body", "body": b"".join(parts)})
+        return status, headers, b"".join(parts)
 
 
 def wsgi_environ(scope: dict[str, Any], body: bytes) -> dict[str, Any]:

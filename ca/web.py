@@ -7,9 +7,11 @@ place where the parts meet.
 
 from __future__ import annotations
 
+import concurrent.futures
 import datetime
 import importlib.metadata
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from cryptography import x509
@@ -21,6 +23,29 @@ from ca.runtime import Runtime
 
 log = logging.getLogger(__name__)
 ENTRY_POINT_GROUP = "certwright.blueprints"
+
+# Waiting without holding the process. A server that can wait for other work while a request
+# waits (ca/server.py's WsgiOverAsgi, on gunicorn's asyncio worker) puts a function under DEFER
+# in each request's environ. A view whose answer waits on work in another thread (an ACME
+# validation's network I/O) hands it the future, a time limit and a `resume` function, and
+# returns; once the future is done or the time is up, the server calls the app again for the
+# same request with `resume` under RESUME and sends only that second answer. Meanwhile the
+# process serves other requests, still one at a time in one thread (DESIGN.md §6).
+DEFER = "certwright.defer"
+RESUME = "certwright.resume"
+
+
+def defer(
+    future: concurrent.futures.Future[Any], timeout: float, resume: Callable[[], Response]
+) -> bool:
+    """Ask the server to answer this request with `resume()` once `future` is done or
+    `timeout` seconds have passed. False when the server cannot (a sync worker, Flask's test
+    client): the view waits itself."""
+    hook = request.environ.get(DEFER)
+    if hook is None:
+        return False
+    hook(future, timeout, resume)
+    return True
 
 
 def core_blueprint(runtime: Runtime) -> Blueprint:

@@ -34,7 +34,7 @@ from ca.storage.models import (
     CertificateName,
     Secret,
 )
-from ca.storage.store import Storage, _database_errors, rowcount
+from ca.storage.store import Storage, rowcount
 
 
 def new_id() -> str:
@@ -399,7 +399,7 @@ class AcmeStore:
     @contextmanager
     def _read(self) -> Iterator[Connection]:
         """A Core connection for the hot reads of every request (no ORM identity map)."""
-        with _database_errors(), self.storage.engine.connect() as connection:
+        with self.storage.read() as connection:
             yield connection
 
     def account(self, account_id: int) -> Account | None:

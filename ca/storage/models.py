@@ -85,6 +85,9 @@ class Certificate(Base):
         Index("ix_certificates_status_not_after", "status", "not_after"),
         Index("ix_certificates_owner_not_after", "owner", "not_after"),
         Index("ix_certificates_issuer_shard_status", "issuer_id", "crl_shard", "status"),
+        # Equality on both columns (is this key compromised?): with an index on spki_sha256
+        # alone, SQLite's planner may pick the status one and walk every revoked certificate.
+        Index("ix_certificates_spki_status", "spki_sha256", "status"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -96,7 +99,7 @@ class Certificate(Base):
     common_name: Mapped[str | None] = mapped_column(String(256))
     names: Mapped[str] = mapped_column(Text)  # space-separated, for display; search uses names
     key_type: Mapped[str] = mapped_column(String(16))
-    spki_sha256: Mapped[str] = mapped_column(String(64), index=True)
+    spki_sha256: Mapped[str] = mapped_column(String(64))
     not_before: Mapped[datetime.datetime] = mapped_column(UTCDateTime())
     not_after: Mapped[datetime.datetime] = mapped_column(UTCDateTime())
     crl_shard: Mapped[int] = mapped_column(Integer)
@@ -378,10 +381,15 @@ class AcmeOrderAuthorization(Base):
 
 class AcmeChallenge(Base):
     __tablename__ = "acme_challenges"
-    __table_args__ = (Index("ix_acme_challenges_status_updated", "status", "updated_at"),)
+    __table_args__ = (
+        Index("ix_acme_challenges_status_updated", "status", "updated_at"),
+        # An authorization's valid challenge: both columns, or SQLite's planner may pick the
+        # status index and walk every valid challenge ever recorded.
+        Index("ix_acme_challenges_authorization_status", "authorization_id", "status"),
+    )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    authorization_id: Mapped[str] = mapped_column(ForeignKey("acme_authorizations.id"), index=True)
+    authorization_id: Mapped[str] = mapped_column(ForeignKey("acme_authorizations.id"))
     type: Mapped[str] = mapped_column(String(16))  # http-01 | dns-01 | tls-alpn-01
     token: Mapped[str] = mapped_column(String(64))
     status: Mapped[str] = mapped_column(String(16))  # pending|processing|valid|invalid

@@ -297,6 +297,13 @@ class Storage:
             yield connection
 
     @contextmanager
+    def read(self) -> Iterator[Connection]:
+        """A Core connection for the prebuilt reads of per-request paths (no ORM identity map,
+        no transaction to commit)."""
+        with _database_errors(), self.engine.connect() as connection:
+            yield connection
+
+    @contextmanager
     def _core(self, *, flush_log: bool = True) -> Iterator[Connection]:
         """A Core-level transaction for the hot issuance path: no ORM unit of work to flush.
 
@@ -559,7 +566,7 @@ class Storage:
 
     def key_compromised(self, spki_sha256: str) -> bool:
         """True when a certificate for this public key was revoked for keyCompromise."""
-        with self._core() as connection:
+        with self.read() as connection:
             return connection.execute(_COMPROMISED, {"spki": spki_sha256}).first() is not None
 
     def count_certificates(self, status: str | None = None) -> int:

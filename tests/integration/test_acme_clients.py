@@ -10,7 +10,11 @@ chain up to the server's root, and pkilint.
 
 from __future__ import annotations
 
+import contextlib
 import re
+import socket
+import ssl
+import threading
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -18,7 +22,7 @@ from typing import Literal
 
 import pytest
 
-from scripts.benchmarks_acme import run_load
+from scripts.benchmarks_acme import AcmeClient, ChallengeResponder, run_load
 from tests.integration.acme_harness import (
     AcmeServer,
     Certbot,
@@ -28,6 +32,7 @@ from tests.integration.acme_harness import (
     LintFinding,
     certwright_server,
     challtestsrv,
+    free_port,
     openssl_verify,
     pebble_server,
     pkilint_findings,
@@ -159,3 +164,88 @@ def test_benchmark_client_completes_concurrent_cycles(server: AcmeServer) -> Non
     assert result.failures == []
     assert len(result.latencies) == 6
     assert result.server_cpu > 0
+
+
+class HeldGate:
+    """A TCP relay that takes connections on `port` and holds each one, unanswered, until
+    released; then it relays it to `backend`. In front of an http-01 responder it keeps a
+    validation waiting for as long as a test needs."""
+
+    def __init__(self, port: int, backend: int) -> None:
+        self.backend = backend
+        self.released = threading.Event()
+        self.arrived = threading.Event()
+        self._listener = socket.create_server(("127.0.0.1", port))
+        self._threads = [threading.Thread(target=self._accept, daemon=True)]
+        self._threads[0].start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                client, _ = self._listener.accept()
+                thread = threading.Thread(target=self._relay, args=(client,), daemon=True)
+                thread.start()
+
+    def _relay(self, client: socket.socket) -> None:
+        self.arrived.set()
+        self.released.wait()
+        with client, socket.create_connection(("127.0.0.1", self.backend)) as upstream:
+            request = client.recv(65536)
+            upstream.sendall(request)
+            while chunk := upstream.recv(65536):
+                client.sendall(chunk)
+
+    def close(self) -> None:
+        self.released.set()
+        self._listener.close()
+
+
+def test_a_worker_serves_other_clients_while_a_validation_waits(
+    dns: ChallTestSrv, tmp_path: Path
+) -> None:
+    """One worker, and a validation whose http-01 answer is held back: the worker still
+    answers another client meanwhile, instead of sitting on the validation (ca.web.defer). The
+    challenge POST waits up to 30 s for its outcome, so before deferral the other client could
+    not get in until the hold ended."""
+    with certwright_server(
+        tmp_path / "certwright",
+        dns,
+        workers=1,
+        extra_env={"CERTWRIGHT_ACME__CHALLENGE_WAIT_SECONDS": "30"},
+    ) as server:
+        context = ssl.create_default_context(cafile=str(server.tls_trust))
+        backend = free_port()
+        gate = HeldGate(server.http01_port, backend)
+        with ChallengeResponder(backend) as responder:
+            try:
+                waiting = AcmeClient(server.directory_url, context, responder, poll=0.1)
+                waiting.register()
+                outcome: list[object] = []
+
+                def obtain() -> None:
+                    try:
+                        outcome.append(waiting.obtain(f"held-{uuid.uuid4().hex[:8]}.test"))
+                    except Exception as exc:  # shown by the assertion below
+                        outcome.append(exc)
+
+                thread = threading.Thread(target=obtain, daemon=True)
+                thread.start()
+                assert gate.arrived.wait(30), "the validation never reached the responder"
+                other_done = threading.Event()
+
+                def other() -> None:
+                    other_client = AcmeClient(server.directory_url, context, responder, 0.1)
+                    other_client.register()
+                    other_client.close()
+                    other_done.set()
+
+                threading.Thread(target=other, daemon=True).start()
+                answered = other_done.wait(15)
+                assert not gate.released.is_set()
+                gate.released.set()
+                thread.join(60)
+                assert answered, "the worker answered nobody while the validation waited"
+                assert outcome and isinstance(outcome[0], list), outcome
+                waiting.close()
+            finally:
+                gate.close()
