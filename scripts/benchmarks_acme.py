@@ -498,40 +498,68 @@ def _drive(pool: list[AcmeClient], label: str, certificates: int) -> LoadResult:
     )
 
 
-def bench_acme(clients: int, certificates: int, workers: int, poll: float, warmup: int) -> None:
+Rig = contextlib.AbstractContextManager[AcmeServer]
+
+
+def bench_acme(
+    clients: int, certificates: int, workers: int, poll: float, warmup: int, rounds: int = 1
+) -> None:
+    """certwright, then Pebble, `rounds` times over, each on fresh servers. This VM's speed
+    drifts by a third within minutes; runs that alternate meet the same drift, and the
+    ratio is taken pairwise, each certwright run against the Pebble run right after it."""
     print(
         f"acme benchmark: {clients} concurrent clients, {certificates} certificates per server"
         f" after {warmup} off the clock, one name each, http-01 validated for real, chains checked"
+        + (f"; {rounds} alternating rounds" if rounds > 1 else "")
     )
-    results: list[LoadResult] = []
+    pairs: list[tuple[LoadResult, LoadResult]] = []
     with (
         tempfile.TemporaryDirectory(prefix="certwright-bench-acme-") as tmp,
         challtestsrv(Path(tmp) / "dns") as dns,
     ):
-        rigs: tuple[tuple[str, Callable[[], contextlib.AbstractContextManager[AcmeServer]]], ...]
+        rigs: tuple[tuple[str, Callable[[Path], Rig]], ...]
         rigs = (
             (
                 f"certwright ({workers} workers)",
-                lambda: certwright_server(
-                    Path(tmp) / "certwright", dns, workers=workers, extra_env=NO_RATE_LIMITS
+                lambda workdir: certwright_server(
+                    workdir, dns, workers=workers, extra_env=NO_RATE_LIMITS
                 ),
             ),
-            ("pebble", lambda: pebble_server(Path(tmp) / "pebble", dns)),
+            ("pebble", lambda workdir: pebble_server(workdir, dns)),
         )
-        for label, rig in rigs:
-            with rig() as server:
-                result = run_load(server, label, clients, certificates, poll, warmup)
-            results.append(result)
-            print(result.summary())
-            print(result.phase_breakdown(), flush=True)
-            for failure in result.failures[:5]:
-                print(f"    failed: {failure}")
-    ours, theirs = results
-    if theirs.rate:
-        caveat = (
-            "  (not comparable: a run had failures)" if ours.failures or theirs.failures else ""
+        for round_ in range(1, rounds + 1):
+            if rounds > 1:
+                print(f" round {round_}/{rounds}")
+            results: list[LoadResult] = []
+            for label, rig in rigs:
+                kind = label.split()[0]
+                with rig(Path(tmp) / f"{kind}-{round_}") as server:
+                    result = run_load(server, label, clients, certificates, poll, warmup)
+                results.append(result)
+                print(result.summary())
+                print(result.phase_breakdown(), flush=True)
+                for failure in result.failures[:5]:
+                    print(f"    failed: {failure}")
+            ours, theirs = results
+            pairs.append((ours, theirs))
+            if theirs.rate:
+                ratio = ours.rate / theirs.rate
+                print(f"  certwright / pebble: {ratio:.2f}x{_caveat(ours, theirs)}")
+    if rounds > 1:
+        ratios = [ours.rate / theirs.rate for ours, theirs in pairs if theirs.rate]
+        failed = any(ours.failures or theirs.failures for ours, theirs in pairs)
+        print(
+            f" over {rounds} rounds: certwright median"
+            f" {statistics.median(o.rate for o, _ in pairs):.1f}/s, pebble median"
+            f" {statistics.median(t.rate for _, t in pairs):.1f}/s; ratio median"
+            f" {statistics.median(ratios) if ratios else 0:.2f}x"
+            f" (lowest {min(ratios, default=0):.2f}x, highest {max(ratios, default=0):.2f}x)"
+            + ("  (not comparable: a run had failures)" if failed else "")
         )
-        print(f"  certwright / pebble: {ours.rate / theirs.rate:.2f}x{caveat}")
+
+
+def _caveat(ours: LoadResult, theirs: LoadResult) -> str:
+    return "  (not comparable: a run had failures)" if ours.failures or theirs.failures else ""
 
 
 def add_parser(sub: Any) -> None:
@@ -546,6 +574,9 @@ def add_parser(sub: Any) -> None:
     parser.add_argument(
         "--poll", type=float, default=0.1, help="seconds between polls without Retry-After"
     )
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="alternate certwright and Pebble this many times"
+    )
     # Also accepted after the subcommand; `scripts/bench --smoke acme` works as for the others.
     parser.add_argument(
         "--smoke", dest="acme_smoke", action="store_true", help="2 clients, 6 certs"
@@ -557,4 +588,4 @@ def dispatch(args: argparse.Namespace) -> None:
         if args.smoke or args.acme_smoke:
             bench_acme(2, 6, args.workers, args.poll, 2)
         else:
-            bench_acme(args.clients, args.certs, args.workers, args.poll, args.warmup)
+            bench_acme(args.clients, args.certs, args.workers, args.poll, args.warmup, args.rounds)
