@@ -144,12 +144,12 @@ class _Application(BaseApplication):  # type: ignore[misc]  # gunicorn ships no 
 
 
 class WsgiOverAsgi:
-    """A WSGI app served by gunicorn's asyncio worker (`asgi`, gunicorn >= 25), for the HTTP
-    listener: its parsing and keep-alive cost a third of the sync and gthread workers' per
+    """A WSGI app served by gunicorn's asyncio worker (`asgi`, gunicorn >= 25), for both
+    listeners: its parsing and keep-alive cost a third of the sync and gthread workers' per
     request, which is most of what a pre-signed OCSP answer costs. The WSGI app runs in the
-    event loop's one thread, one request at a time per process, as in a sync worker (so its
-    PKCS#11 session is never shared between threads, DESIGN.md §6); reading a request body and
-    writing a response never block it."""
+    event loop's one thread, one call at a time per process, as in a sync worker (so its
+    PKCS#11 session is never shared between threads, DESIGN.md §6); reading a request body,
+    writing a response and a deferred answer's wait (`ca.web.defer`) never block it."""
 
     max_body = 1 << 20  # the HTTP listener takes OCSP requests (< 4 KiB) and no uploads
 
