@@ -176,15 +176,13 @@ class HeldGate:
         self.released = threading.Event()
         self.arrived = threading.Event()
         self._listener = socket.create_server(("127.0.0.1", port))
-        self._threads = [threading.Thread(target=self._accept, daemon=True)]
-        self._threads[0].start()
+        threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
         with contextlib.suppress(OSError):
             while True:
                 client, _ = self._listener.accept()
-                thread = threading.Thread(target=self._relay, args=(client,), daemon=True)
-                thread.start()
+                threading.Thread(target=self._relay, args=(client,), daemon=True).start()
 
     def _relay(self, client: socket.socket) -> None:
         self.arrived.set()
