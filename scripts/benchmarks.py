@@ -16,7 +16,12 @@ from ca.hsm import HsmEcPrivateKey, Token
 from ca.issuance import CertificateAuthority, IssuanceRequest
 from ca.policy import Identifier, PublicKey
 from ca.profiles import load_profiles
-from scripts import benchmarks_acme, benchmarks_inventory, benchmarks_revocation
+from scripts import (
+    benchmarks_acme,
+    benchmarks_inventory,
+    benchmarks_revocation,
+    benchmarks_storage,
+)
 from scripts.bench_pki import BASE_URL, bench_pki
 
 
@@ -100,12 +105,14 @@ def main(argv: list[str] | None = None) -> int:
     benchmarks_revocation.add_parsers(sub)
     benchmarks_acme.add_parser(sub)
     benchmarks_inventory.add_parser(sub)
+    benchmarks_storage.add_parser(sub)
     args = parser.parse_args(argv)
     if args.bench == "issuance":
         bench_issuance(50 if args.smoke else args.n, args.db)
     benchmarks_revocation.dispatch(args)
     benchmarks_acme.dispatch(args)
     benchmarks_inventory.dispatch(args)
+    benchmarks_storage.dispatch(args)
     return 0
 
 

@@ -34,6 +34,7 @@ from ca.storage.models import (
     CertificateName,
     Secret,
 )
+from ca.storage.prepared import Prepared
 from ca.storage.store import Storage, rowcount
 
 
@@ -125,22 +126,28 @@ class EabKey:
 
 
 # The per-request reads, built once (see Storage's issuance statements for why).
-_ACCOUNT_BY_ID = select(AcmeAccount.__table__).where(AcmeAccount.id == bindparam("id"))
-_ORDER_BY_ID = select(AcmeOrder.__table__).where(AcmeOrder.id == bindparam("id"))
+_ACCOUNT_BY_ID = Prepared(select(AcmeAccount.__table__).where(AcmeAccount.id == bindparam("id")))
+_ORDER_BY_ID = Prepared(select(AcmeOrder.__table__).where(AcmeOrder.id == bindparam("id")))
 # Sorted in Python, not by the database: PostgreSQL's collation orders ids its own way, and
 # `create_order` must list them as `order` does.
-_ORDER_AUTHZ_IDS = select(AcmeOrderAuthorization.authorization_id).where(
-    AcmeOrderAuthorization.order_id == bindparam("id")
+_ORDER_AUTHZ_IDS = Prepared(
+    select(AcmeOrderAuthorization.authorization_id).where(
+        AcmeOrderAuthorization.order_id == bindparam("id")
+    )
 )
-_AUTHZ_BY_ID = select(AcmeAuthorization.__table__).where(AcmeAuthorization.id == bindparam("id"))
-_AUTHZ_CHALLENGES = (
+_AUTHZ_BY_ID = Prepared(
+    select(AcmeAuthorization.__table__).where(AcmeAuthorization.id == bindparam("id"))
+)
+_AUTHZ_CHALLENGES = Prepared(
     select(AcmeChallenge.__table__)
     .where(AcmeChallenge.authorization_id == bindparam("id"))
     .order_by(AcmeChallenge.type)
 )
-_USE_NONCE = insert(AcmeNonce)
-_CHALLENGE_BY_ID = select(AcmeChallenge.__table__).where(AcmeChallenge.id == bindparam("id"))
-_ORDER_VALIDATIONS = (
+_USE_NONCE = Prepared(insert(AcmeNonce))
+_CHALLENGE_BY_ID = Prepared(
+    select(AcmeChallenge.__table__).where(AcmeChallenge.id == bindparam("id"))
+)
+_ORDER_VALIDATIONS = Prepared(
     select(
         AcmeAuthorization.identifier_type,
         AcmeAuthorization.identifier_value,
@@ -159,7 +166,7 @@ _ORDER_VALIDATIONS = (
     .where(AcmeOrderAuthorization.order_id == bindparam("b_id"))
     .order_by(AcmeAuthorization.id)
 )
-_REUSABLE_AUTHZ = (
+_REUSABLE_AUTHZ = Prepared(
     select(AcmeAuthorization.id)
     .where(
         AcmeAuthorization.account_id == bindparam("b_account"),
@@ -176,16 +183,16 @@ _REUSABLE_AUTHZ = (
 
 # The per-request state changes, built once too and run on Core connections (bind parameter
 # names start with b_: UPDATE reserves the columns' own names).
-_INSERT_AUTHZ = insert(AcmeAuthorization)
-_INSERT_CHALLENGE = insert(AcmeChallenge)
-_INSERT_ORDER = insert(AcmeOrder)
-_INSERT_ORDER_AUTHZ = insert(AcmeOrderAuthorization)
-_START_CHALLENGE = (
+_INSERT_AUTHZ = Prepared(insert(AcmeAuthorization))
+_INSERT_CHALLENGE = Prepared(insert(AcmeChallenge))
+_INSERT_ORDER = Prepared(insert(AcmeOrder))
+_INSERT_ORDER_AUTHZ = Prepared(insert(AcmeOrderAuthorization))
+_START_CHALLENGE = Prepared(
     update(AcmeChallenge)
     .where(AcmeChallenge.id == bindparam("b_id"), AcmeChallenge.status == "pending")
     .values(status="processing", updated_at=bindparam("b_now"))
 )
-_FINISH_CHALLENGE = (
+_FINISH_CHALLENGE = Prepared(
     update(AcmeChallenge)
     .where(AcmeChallenge.id == bindparam("b_id"), AcmeChallenge.status == "processing")
     .values(
@@ -197,25 +204,27 @@ _FINISH_CHALLENGE = (
     )
     .returning(AcmeChallenge.authorization_id)
 )
-_SETTLE_AUTHZ = (
+_SETTLE_AUTHZ = Prepared(
     update(AcmeAuthorization)
     .where(AcmeAuthorization.id == bindparam("b_id"), AcmeAuthorization.status == "pending")
     .values(status=bindparam("b_status"), validated_at=bindparam("b_validated"))
 )
-_AUTHZ_ORDER_IDS = select(AcmeOrderAuthorization.order_id).where(
-    AcmeOrderAuthorization.authorization_id == bindparam("b_id")
+_AUTHZ_ORDER_IDS = Prepared(
+    select(AcmeOrderAuthorization.order_id).where(
+        AcmeOrderAuthorization.authorization_id == bindparam("b_id")
+    )
 )
-_ORDER_AUTHZ_STATUSES = (
+_ORDER_AUTHZ_STATUSES = Prepared(
     select(AcmeAuthorization.status)
     .join(AcmeOrderAuthorization, AcmeOrderAuthorization.authorization_id == AcmeAuthorization.id)
     .where(AcmeOrderAuthorization.order_id == bindparam("b_id"))
 )
-_PENDING_ORDER_TO = (
+_PENDING_ORDER_TO = Prepared(
     update(AcmeOrder)
     .where(AcmeOrder.id == bindparam("b_id"), AcmeOrder.status == "pending")
     .values(status=bindparam("b_status"), error=bindparam("b_error"))
 )
-_BEGIN_FINALIZE = (
+_BEGIN_FINALIZE = Prepared(
     update(AcmeOrder)
     .where(
         AcmeOrder.id == bindparam("b_id"),
@@ -224,7 +233,7 @@ _BEGIN_FINALIZE = (
     )
     .values(status="processing", processing_since=bindparam("b_now"))
 )
-_PROCESSING_ORDER_TO = (
+_PROCESSING_ORDER_TO = Prepared(
     update(AcmeOrder)
     .where(AcmeOrder.id == bindparam("b_id"), AcmeOrder.status == "processing")
     .values(
@@ -328,7 +337,7 @@ class AcmeStore:
             return False
         try:
             with self.storage._core(flush_log=False) as connection:
-                connection.execute(_USE_NONCE, {"value": value, "expires_at": issued + lifetime})
+                _USE_NONCE.run(connection, {"value": value, "expires_at": issued + lifetime})
         except CAError as exc:
             if exc.kind is Kind.CONFLICT:
                 return False  # already used
@@ -404,7 +413,7 @@ class AcmeStore:
 
     def account(self, account_id: int) -> Account | None:
         with self._read() as connection:
-            row = connection.execute(_ACCOUNT_BY_ID, {"id": account_id}).first()
+            row = _ACCOUNT_BY_ID.run(connection, {"id": account_id}).first()
             return _account(row) if row else None
 
     def account_by_thumbprint(self, thumbprint: str) -> Account | None:
@@ -521,7 +530,7 @@ class AcmeStore:
             "b_validated_after": validated_after,
         }
         with self._read() as connection:
-            found = connection.scalar(_REUSABLE_AUTHZ, params)
+            found = _REUSABLE_AUTHZ.run(connection, params).scalar()
             return str(found) if found is not None else None
 
     def create_order(
@@ -591,10 +600,10 @@ class AcmeStore:
         authz_ids = tuple(sorted([*reused, *(row["id"] for row in authz_rows)]))
         with self.storage.write(durable=False) as connection:
             if authz_rows:
-                connection.execute(_INSERT_AUTHZ, authz_rows)
-                connection.execute(_INSERT_CHALLENGE, challenge_rows)
-            connection.execute(
-                _INSERT_ORDER,
+                _INSERT_AUTHZ.run(connection, authz_rows)
+                _INSERT_CHALLENGE.run(connection, challenge_rows)
+            _INSERT_ORDER.run(
+                connection,
                 {
                     "id": order.id,
                     "account_id": account_id,
@@ -611,18 +620,18 @@ class AcmeStore:
                     "processing_since": None,
                 },
             )
-            connection.execute(
-                _INSERT_ORDER_AUTHZ,
+            _INSERT_ORDER_AUTHZ.run(
+                connection,
                 [{"order_id": order.id, "authorization_id": a} for a in authz_ids],
             )
         return dataclasses.replace(order, authorization_ids=authz_ids)
 
     def order(self, order_id: str) -> Order | None:
         with self._read() as connection:
-            row = connection.execute(_ORDER_BY_ID, {"id": order_id}).first()
+            row = _ORDER_BY_ID.run(connection, {"id": order_id}).first()
             if row is None:
                 return None
-            authz_ids = tuple(sorted(connection.scalars(_ORDER_AUTHZ_IDS, {"id": order_id})))
+            authz_ids = tuple(sorted(_ORDER_AUTHZ_IDS.run(connection, {"id": order_id}).scalars()))
             return self._order(row, authz_ids)
 
     def _order(self, row: Any, authz_ids: tuple[str, ...]) -> Order:
@@ -647,11 +656,11 @@ class AcmeStore:
 
     def authorization(self, authz_id: str) -> Authorization | None:
         with self._read() as connection:
-            row = connection.execute(_AUTHZ_BY_ID, {"id": authz_id}).first()
+            row = _AUTHZ_BY_ID.run(connection, {"id": authz_id}).first()
             if row is None:
                 return None
             challenges = tuple(
-                _challenge(c) for c in connection.execute(_AUTHZ_CHALLENGES, {"id": authz_id})
+                _challenge(c) for c in _AUTHZ_CHALLENGES.run(connection, {"id": authz_id})
             )
             status = row.status
             if status in ("pending", "valid") and row.expires <= self.clock.now():
@@ -673,19 +682,19 @@ class AcmeStore:
         with self._read() as connection:
             return [
                 Validation(row[0], row[1], row[2], row[3], row[4])
-                for row in connection.execute(_ORDER_VALIDATIONS, {"b_id": order_id})
+                for row in _ORDER_VALIDATIONS.run(connection, {"b_id": order_id})
             ]
 
     def challenge(self, challenge_id: str) -> Challenge | None:
         with self._read() as connection:
-            row = connection.execute(_CHALLENGE_BY_ID, {"id": challenge_id}).first()
+            row = _CHALLENGE_BY_ID.run(connection, {"id": challenge_id}).first()
             return _challenge(row) if row else None
 
     def start_challenge(self, challenge_id: str) -> bool:
         """pending → processing, once (§7.5.1: a repeated POST changes nothing)."""
         with self.storage.write(durable=False) as connection:
-            result = connection.execute(
-                _START_CHALLENGE, {"b_id": challenge_id, "b_now": self.clock.now()}
+            result = _START_CHALLENGE.run(
+                connection, {"b_id": challenge_id, "b_now": self.clock.now()}
             )
             return rowcount(result) == 1
 
@@ -706,8 +715,8 @@ class AcmeStore:
         (another process finished it): nothing is recorded then.
         """
         with self.storage.write(durable=False) as connection:
-            authz_id = connection.scalar(
-                _FINISH_CHALLENGE,
+            authz_id = _FINISH_CHALLENGE.run(
+                connection,
                 {
                     "b_id": challenge_id,
                     "b_status": "valid" if valid else "invalid",
@@ -716,28 +725,28 @@ class AcmeStore:
                     "b_record": json.dumps(record),
                     "b_now": now,
                 },
-            )
+            ).scalar()
             if authz_id is None:
                 return False  # someone else finished it
-            connection.execute(
-                _SETTLE_AUTHZ,
+            _SETTLE_AUTHZ.run(
+                connection,
                 {
                     "b_id": authz_id,
                     "b_status": "valid" if valid else "invalid",
                     "b_validated": now if valid else None,
                 },
             )
-            for order_id in list(connection.scalars(_AUTHZ_ORDER_IDS, {"b_id": authz_id})):
+            for order_id in list(_AUTHZ_ORDER_IDS.run(connection, {"b_id": authz_id}).scalars()):
                 self._settle_order(connection, order_id, error)
             return True
 
     def _settle_order(
         self, connection: Connection, order_id: str, error: dict[str, Any] | None
     ) -> None:
-        statuses = list(connection.scalars(_ORDER_AUTHZ_STATUSES, {"b_id": order_id}))
+        statuses = list(_ORDER_AUTHZ_STATUSES.run(connection, {"b_id": order_id}).scalars())
         if any(s in ("invalid", "deactivated", "revoked", "expired") for s in statuses):
-            connection.execute(
-                _PENDING_ORDER_TO,
+            _PENDING_ORDER_TO.run(
+                connection,
                 {
                     "b_id": order_id,
                     "b_status": "invalid",
@@ -745,8 +754,8 @@ class AcmeStore:
                 },
             )
         elif statuses and all(s == "valid" for s in statuses):
-            connection.execute(
-                _PENDING_ORDER_TO, {"b_id": order_id, "b_status": "ready", "b_error": None}
+            _PENDING_ORDER_TO.run(
+                connection, {"b_id": order_id, "b_status": "ready", "b_error": None}
             )
 
     def deactivate_authorization(self, authz_id: str) -> bool:
@@ -762,22 +771,20 @@ class AcmeStore:
             )
             if rowcount(result) != 1:
                 return False
-            for order_id in list(connection.scalars(_AUTHZ_ORDER_IDS, {"b_id": authz_id})):
+            for order_id in list(_AUTHZ_ORDER_IDS.run(connection, {"b_id": authz_id}).scalars()):
                 self._settle_order(connection, order_id, None)
             return True
 
     def begin_finalize(self, order_id: str) -> bool:
         """ready → processing, exactly once: of two finalize requests only one proceeds."""
         with self.storage.write(durable=False) as connection:
-            result = connection.execute(
-                _BEGIN_FINALIZE, {"b_id": order_id, "b_now": self.clock.now()}
-            )
+            result = _BEGIN_FINALIZE.run(connection, {"b_id": order_id, "b_now": self.clock.now()})
             return rowcount(result) == 1
 
     def complete_order(self, order_id: str, serial: str) -> None:
         with self.storage.write(durable=False) as connection:
-            connection.execute(
-                _PROCESSING_ORDER_TO,
+            _PROCESSING_ORDER_TO.run(
+                connection,
                 {"b_id": order_id, "b_status": "valid", "b_error": None, "b_serial": serial},
             )
 
@@ -785,8 +792,8 @@ class AcmeStore:
         """A finalize that failed: invalid with its error, or (for a transient failure such
         as the HSM or database being down) ready again so the client may retry."""
         with self.storage.write(durable=False) as connection:
-            connection.execute(
-                _PROCESSING_ORDER_TO,
+            _PROCESSING_ORDER_TO.run(
+                connection,
                 {
                     "b_id": order_id,
                     "b_status": "ready" if back_to_ready else "invalid",

@@ -26,17 +26,20 @@ from sqlalchemy.orm import Session
 
 from ca.errors import CAError, Kind
 from ca.storage.models import AuditChainHead, AuditEvent
+from ca.storage.prepared import Prepared
 
 GENESIS = "0" * 64
 
-_BUMP = (
+_BUMP = Prepared(
     update(AuditChainHead)
     .where(AuditChainHead.id == 1)
     .values(seq=AuditChainHead.seq + 1)
     .returning(AuditChainHead.seq, AuditChainHead.hash)
 )
-_SET_HEAD = update(AuditChainHead).where(AuditChainHead.id == 1).values(hash=bindparam("h"))
-_INSERT = insert(AuditEvent)
+_SET_HEAD = Prepared(
+    update(AuditChainHead).where(AuditChainHead.id == 1).values(hash=bindparam("h"))
+)
+_INSERT = Prepared(insert(AuditEvent))
 _BATCH = 5000
 
 
@@ -90,7 +93,7 @@ def values(
 
 def append(executor: Connection | Session, record: dict[str, Any]) -> int:
     """Chain and insert one record (from `values()`) in the caller's transaction; its seq."""
-    seq, prev_hash = executor.execute(_BUMP).one()
+    seq, prev_hash = _BUMP.run(executor).one()
     digest = record_hash(
         seq,
         prev_hash,
@@ -101,8 +104,8 @@ def append(executor: Connection | Session, record: dict[str, Any]) -> int:
         record["outcome"],
         record["detail"],
     )
-    executor.execute(_INSERT, record | {"seq": seq, "prev_hash": prev_hash, "hash": digest})
-    executor.execute(_SET_HEAD, {"h": digest})
+    _INSERT.run(executor, record | {"seq": seq, "prev_hash": prev_hash, "hash": digest})
+    _SET_HEAD.run(executor, {"h": digest})
     return int(seq)
 
 

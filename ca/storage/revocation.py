@@ -21,20 +21,25 @@ from sqlalchemy.dialects import postgresql, sqlite
 from ca.errors import CAError, Kind
 from ca.storage import audit
 from ca.storage.models import Certificate, Crl, OcspResponder, OcspResponse
+from ca.storage.prepared import Prepared
 from ca.storage.store import Storage, _database_errors
 
-_PRESIGNED = select(OcspResponse.der, OcspResponse.this_update, OcspResponse.next_update).where(
-    OcspResponse.issuer_id == bindparam("issuer_id"),
-    OcspResponse.serial == bindparam("serial"),
+_PRESIGNED = Prepared(
+    select(OcspResponse.der, OcspResponse.this_update, OcspResponse.next_update).where(
+        OcspResponse.issuer_id == bindparam("issuer_id"),
+        OcspResponse.serial == bindparam("serial"),
+    )
 )
-_CERTIFICATE_STATUS = select(
-    Certificate.issuer_id,
-    Certificate.serial,
-    Certificate.status,
-    Certificate.not_after,
-    Certificate.revoked_at,
-    Certificate.revocation_reason,
-).where(Certificate.serial == bindparam("serial"))
+_CERTIFICATE_STATUS = Prepared(
+    select(
+        Certificate.issuer_id,
+        Certificate.serial,
+        Certificate.status,
+        Certificate.not_after,
+        Certificate.revoked_at,
+        Certificate.revocation_reason,
+    ).where(Certificate.serial == bindparam("serial"))
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -299,13 +304,13 @@ def insert_crl(
 
 def presigned_response(storage: Storage, issuer_id: str, serial: str) -> PresignedResponse | None:
     with _reading(storage) as connection:
-        row = connection.execute(_PRESIGNED, {"issuer_id": issuer_id, "serial": serial}).first()
+        row = _PRESIGNED.run(connection, {"issuer_id": issuer_id, "serial": serial}).first()
     return None if row is None else PresignedResponse(row[0], row[1], row[2])
 
 
 def certificate_status(storage: Storage, serial: str) -> CertificateStatus | None:
     with _reading(storage) as connection:
-        row = connection.execute(_CERTIFICATE_STATUS, {"serial": serial}).first()
+        row = _CERTIFICATE_STATUS.run(connection, {"serial": serial}).first()
     return None if row is None else CertificateStatus(*row)
 
 

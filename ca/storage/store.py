@@ -33,13 +33,14 @@ from ca.clock import Clock, SystemClock
 from ca.errors import CAError, Kind
 from ca.storage import audit
 from ca.storage.models import AuditEvent, Certificate, CertificateName, Crl, Issuer
+from ca.storage.prepared import Prepared
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 
 # The issuance path's statements, built once: building a statement costs more than running it.
-_RESERVE = insert(Certificate).returning(Certificate.id)
-_ADD_NAMES = insert(CertificateName)
-_COMPROMISED = (
+_RESERVE = Prepared(insert(Certificate).returning(Certificate.id))
+_ADD_NAMES = Prepared(insert(CertificateName))
+_COMPROMISED = Prepared(
     select(Certificate.id)
     .where(
         Certificate.spki_sha256 == bindparam("spki"),
@@ -48,14 +49,14 @@ _COMPROMISED = (
     )
     .limit(1)
 )
-_RECORD = (
+_RECORD = Prepared(
     update(Certificate)
     .where(Certificate.id == bindparam("certificate_id"), Certificate.status == "pending")
     .values(status="issued", der=bindparam("der"), issued_at=bindparam("issued_at"))
     .returning(*Certificate.__table__.columns)
 )
-_CERTIFICATE_BY_SERIAL = select(Certificate.__table__).where(
-    Certificate.serial == bindparam("serial")
+_CERTIFICATE_BY_SERIAL = Prepared(
+    select(Certificate.__table__).where(Certificate.serial == bindparam("serial"))
 )
 
 
@@ -414,9 +415,9 @@ class Storage:
             "created_at": self.clock.now(),
         }
         with self._core(flush_log=False) as connection:
-            certificate_id = connection.execute(_RESERVE, values).scalar_one()
-            connection.execute(
-                _ADD_NAMES,
+            certificate_id = _RESERVE.run(connection, values).scalar_one()
+            _ADD_NAMES.run(
+                connection,
                 [{"certificate_id": certificate_id, "name": n} for n in reservation.names],
             )
             return int(certificate_id)
@@ -434,12 +435,12 @@ class Storage:
                     "status": "pending",
                     "created_at": now,
                 }
-                certificate_id = connection.execute(_RESERVE, values).scalar_one()
-                connection.execute(
-                    _ADD_NAMES, [{"certificate_id": certificate_id, "name": "warm-up.invalid"}]
+                certificate_id = _RESERVE.run(connection, values).scalar_one()
+                _ADD_NAMES.run(
+                    connection, [{"certificate_id": certificate_id, "name": "warm-up.invalid"}]
                 )
-                connection.execute(
-                    _RECORD, {"certificate_id": certificate_id, "der": b"", "issued_at": now}
+                _RECORD.run(
+                    connection, {"certificate_id": certificate_id, "der": b"", "issued_at": now}
                 ).one_or_none()
                 audit.append(
                     connection, audit.values(now, "warm-up", "warm-up", "warm-up", "none", {})
@@ -451,8 +452,8 @@ class Storage:
         """Mark a pending certificate issued with its DER, with an audit event, atomically."""
         now = self.clock.now()
         with self._core() as connection:
-            row = connection.execute(
-                _RECORD, {"certificate_id": certificate_id, "der": der, "issued_at": now}
+            row = _RECORD.run(
+                connection, {"certificate_id": certificate_id, "der": der, "issued_at": now}
             ).one_or_none()
             if row is None:
                 raise CAError(Kind.INTERNAL, "the reserved certificate is no longer pending")
@@ -521,7 +522,7 @@ class Storage:
 
     def get_certificate(self, serial: str) -> CertificateRecord:
         with _database_errors(), self.engine.connect() as connection:
-            row = connection.execute(_CERTIFICATE_BY_SERIAL, {"serial": serial}).first()
+            row = _CERTIFICATE_BY_SERIAL.run(connection, {"serial": serial}).first()
         if row is None:
             raise CAError(Kind.NOT_FOUND, f"no certificate with serial {serial}")
         return _certificate_record(row)
@@ -567,7 +568,7 @@ class Storage:
     def key_compromised(self, spki_sha256: str) -> bool:
         """True when a certificate for this public key was revoked for keyCompromise."""
         with self.read() as connection:
-            return connection.execute(_COMPROMISED, {"spki": spki_sha256}).first() is not None
+            return _COMPROMISED.run(connection, {"spki": spki_sha256}).first() is not None
 
     def count_certificates(self, status: str | None = None) -> int:
         query = select(func.count()).select_from(Certificate)

@@ -17,6 +17,7 @@ import ca.storage.acme_store
 import ca.storage.revocation
 import ca.storage.store
 from ca.storage import Storage
+from ca.storage.prepared import Prepared
 
 MODULES = (ca.storage.acme_store, ca.storage.store, ca.storage.revocation)
 
@@ -25,8 +26,9 @@ def prebuilt_statements() -> list[tuple[str, ClauseElement]]:
     found = []
     for module in MODULES:
         for name, value in vars(module).items():
-            if name.startswith("_") and isinstance(value, (Select, Update, Delete, Insert)):
-                found.append((f"{module.__name__}.{name}", value))
+            statement = value.statement if isinstance(value, Prepared) else value
+            if name.startswith("_") and isinstance(statement, (Select, Update, Delete, Insert)):
+                found.append((f"{module.__name__}.{name}", statement))
     return found
 
 
