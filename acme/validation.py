@@ -12,7 +12,6 @@ redirects included, so a slow responder cannot hold a validator longer than conf
 from __future__ import annotations
 
 import base64
-import contextlib
 import enum
 import functools
 import hashlib
@@ -22,12 +21,10 @@ import ipaddress
 import re
 import socket
 import ssl
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Literal, ParamSpec, TypeAlias, TypeVar
+from typing import Any, Literal, ParamSpec, TypeAlias, TypeVar
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import dns.exception
@@ -210,6 +207,10 @@ class Deadline:
 
     def __init__(self, seconds: float) -> None:
         self._end = time.monotonic() + seconds
+
+    def left(self) -> float:
+        """Seconds left, zero or less once spent."""
+        return self._end - time.monotonic()
 
     def remaining(self, problem_type: ProblemType, doing: str) -> float:
         """Seconds left, always > 0: a zero socket timeout would mean non-blocking mode."""
@@ -462,44 +463,37 @@ def _connect(
     raise ValidationError("connection", failure)
 
 
-class _Watchdog:
-    """Cuts a connection when the validation's budget is spent.
+class _DeadlineSocket(socket.socket):
+    """A connection whose every read first checks the validation's whole budget.
 
     Socket timeouts bound each read, and ``http.client`` reads headers a line at a time: a
-    peer trickling one byte at a time would hold the validator for as long as it likes. It
-    cuts through its own duplicate of the descriptor (shutdown(2) acts on the socket behind
-    every descriptor), so a descriptor closed and reused meanwhile can never be hit.
+    peer trickling one byte at a time would hold the validator for as long as it likes. Here
+    each read may wait only for what is left of the budget, and none starts once it is spent
+    (TimeoutError, as a socket timeout), so the response as a whole ends by the deadline,
+    without a timer thread per fetch.
     """
 
-    def __init__(self, sock: socket.socket, deadline: Deadline, doing: str) -> None:
-        self.fired = threading.Event()
-        self._timer = threading.Timer(deadline.remaining("connection", doing), self._fire)
-        self._timer.daemon = True
-        self._handle = sock.dup()
+    deadline: Deadline
 
-    def _fire(self) -> None:
-        self.fired.set()
-        with contextlib.suppress(OSError):
-            self._handle.shutdown(socket.SHUT_RDWR)
+    @classmethod
+    def adopt(cls, sock: socket.socket, deadline: Deadline) -> _DeadlineSocket:
+        adopted = cls(sock.family, sock.type, sock.proto, sock.detach())
+        adopted.deadline = deadline
+        return adopted
 
-    def __enter__(self) -> _Watchdog:
-        self._timer.start()
-        return self
+    def _wait_at_most(self) -> None:
+        left = self.deadline.left()
+        if left <= 0:
+            raise TimeoutError("the validation's time is spent")
+        self.settimeout(left)
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self._timer.cancel()
-        if self._timer.ident is not None:
-            self._timer.join()
-        self._handle.close()
-        # Once cut, whatever came next (an EOF that ends the headers early, a broken read, a
-        # truncated body) is the cut and not the peer's answer: report the timeout.
-        if self.fired.is_set():
-            raise TimeoutError from exc
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        self._wait_at_most()
+        return super().recv_into(buffer, nbytes, flags)
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        self._wait_at_most()
+        return super().recv(bufsize, flags)
 
 
 # --- http-01 (RFC 8555 §8.3, RFC 8738 §4-5) -------------------------------------------------
@@ -627,33 +621,32 @@ def _exchange(
     sock: socket.socket, target: _HTTPTarget, used: IPAddress, deadline: Deadline
 ) -> bytes | _Redirect:
     conn = http.client.HTTPConnection(str(used), target.port)
-    conn.sock = sock
+    sock = conn.sock = _DeadlineSocket.adopt(sock, deadline)
     try:
-        with _Watchdog(sock, deadline, f"waiting for {target.url}"):
-            sock.settimeout(deadline.remaining("connection", f"sending to {target.url}"))
-            conn.putrequest("GET", target.path, skip_host=True, skip_accept_encoding=True)
-            conn.putheader("Host", target.host_header)
-            conn.putheader("User-Agent", _USER_AGENT)
-            # Some WAFs reject requests without Accept; Boulder learned this the hard way.
-            conn.putheader("Accept", "*/*")
-            conn.putheader("Connection", "close")
-            conn.endheaders()
-            sock.settimeout(deadline.remaining("connection", f"waiting for {target.url}"))
-            with conn.getresponse() as response:
-                location = response.getheader("Location")
-                if response.status in _REDIRECT_STATUSES and location:
-                    return _Redirect(location)
-                if response.status == 303 and location:
-                    raise ValidationError(
-                        "connection", f"Redirect status 303 from {target.url} is not followed"
-                    )
-                if response.status != 200:
-                    # As Boulder: the responder refused to show a key authorization at all.
-                    raise ValidationError(
-                        "unauthorized",
-                        f"Invalid response from {target.url} [{used}]: HTTP {response.status}",
-                    )
-                return _read_capped_body(response, sock, deadline, target.url)
+        sock.settimeout(deadline.remaining("connection", f"sending to {target.url}"))
+        conn.putrequest("GET", target.path, skip_host=True, skip_accept_encoding=True)
+        conn.putheader("Host", target.host_header)
+        conn.putheader("User-Agent", _USER_AGENT)
+        # Some WAFs reject requests without Accept; Boulder learned this the hard way.
+        conn.putheader("Accept", "*/*")
+        conn.putheader("Connection", "close")
+        conn.endheaders()
+        sock.settimeout(deadline.remaining("connection", f"waiting for {target.url}"))
+        with conn.getresponse() as response:
+            location = response.getheader("Location")
+            if response.status in _REDIRECT_STATUSES and location:
+                return _Redirect(location)
+            if response.status == 303 and location:
+                raise ValidationError(
+                    "connection", f"Redirect status 303 from {target.url} is not followed"
+                )
+            if response.status != 200:
+                # As Boulder: the responder refused to show a key authorization at all.
+                raise ValidationError(
+                    "unauthorized",
+                    f"Invalid response from {target.url} [{used}]: HTTP {response.status}",
+                )
+            return _read_capped_body(response, sock, deadline, target.url)
     finally:
         conn.close()
 
