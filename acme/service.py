@@ -730,7 +730,11 @@ class AcmeService:
             replaces = parse_ari_cert_id(order.replaces)[1]
         try:
             issued = self.authority.issue(
-                _issuance_request(csr_key, ordered, order.profile, account.id, replaces)
+                _issuance_request(csr_key, ordered, order.profile, account.id, replaces),
+                # The order is valid in the very transaction that records its certificate.
+                on_record=lambda connection, record: self.store.complete_order(
+                    order.id, record.serial, connection
+                ),
             )
         except CAError as exc:
             # Transient failures and refusals of the request leave the order ready for another
@@ -753,7 +757,6 @@ class AcmeService:
             with contextlib.suppress(CAError):
                 self.store.fail_order(order.id, problem.to_json(), back_to_ready=transient)
             raise problem from None
-        self.store.complete_order(order.id, issued.record.serial)
         return dataclasses.replace(order, status="valid", certificate_serial=issued.record.serial)
 
     # -- certificates and revocation (§7.4.2, §7.6) -------------------------------------------

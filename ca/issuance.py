@@ -33,7 +33,7 @@ from ca.errors import CAError, Kind
 from ca.hsm import HsmPrivateKey, Token, signature_hash
 from ca.policy import Identifier, PublicKey
 from ca.profiles import EKU_OIDS, Profile
-from ca.storage import CertificateRecord, IssuerRecord, Reservation, Storage
+from ca.storage import CertificateRecord, IssuerRecord, OnRecord, Reservation, Storage
 from ca.storage.inventory import validate_tags
 
 # Leaf certificates start this far in the past so a relying party whose clock is slightly
@@ -321,7 +321,12 @@ class CertificateAuthority:
         validate_tags(request.tags)
         return profile, identifiers, validity
 
-    def issue(self, request: IssuanceRequest) -> IssuedCertificate:
+    def issue(
+        self, request: IssuanceRequest, *, on_record: OnRecord | None = None
+    ) -> IssuedCertificate:
+        """Policy, serial, lint, HSM signature, record. `on_record(connection, record)` runs in
+        the transaction that records the certificate, so what the caller notes there (ACME: the
+        order now valid) commits with it or not at all."""
         # Step 1: policy.
         try:
             profile, identifiers, validity = self.check(request)
@@ -381,7 +386,10 @@ class CertificateAuthority:
 
         # Step 5: record, then release.
         record = self.storage.record_certificate(
-            certificate_id, certificate.public_bytes(serialization.Encoding.DER), request.source
+            certificate_id,
+            certificate.public_bytes(serialization.Encoding.DER),
+            request.source,
+            on_record=on_record,
         )
         metrics.ISSUED.labels(issuer.record.id, profile.name).inc()
         return IssuedCertificate(record, certificate, (issuer.certificate, *issuer.chain))

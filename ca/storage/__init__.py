@@ -4,8 +4,16 @@ from ca.storage.store import (
     CertificateFilter,
     CertificateRecord,
     IssuerRecord,
+    OnRecord,
     Reservation,
     Storage,
 )
 
-__all__ = ["CertificateFilter", "CertificateRecord", "IssuerRecord", "Reservation", "Storage"]
+__all__ = [
+    "CertificateFilter",
+    "CertificateRecord",
+    "IssuerRecord",
+    "OnRecord",
+    "Reservation",
+    "Storage",
+]

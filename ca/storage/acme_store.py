@@ -781,12 +781,12 @@ class AcmeStore:
             result = _BEGIN_FINALIZE.run(connection, {"b_id": order_id, "b_now": self.clock.now()})
             return rowcount(result) == 1
 
-    def complete_order(self, order_id: str, serial: str) -> None:
-        with self.storage.write(durable=False) as connection:
-            _PROCESSING_ORDER_TO.run(
-                connection,
-                {"b_id": order_id, "b_status": "valid", "b_error": None, "b_serial": serial},
-            )
+    def complete_order(self, order_id: str, serial: str, connection: Connection) -> None:
+        """processing → valid with its certificate, in the caller's transaction (the one that
+        records the certificate, see CertificateAuthority.issue)."""
+        _PROCESSING_ORDER_TO.run(
+            connection, {"b_id": order_id, "b_status": "valid", "b_error": None, "b_serial": serial}
+        )
 
     def fail_order(self, order_id: str, error: dict[str, Any], *, back_to_ready: bool) -> None:
         """A finalize that failed: invalid with its error, or (for a transient failure such

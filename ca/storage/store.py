@@ -9,7 +9,7 @@ import fnmatch
 import json
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -177,6 +177,10 @@ def _issuer_record(row: Issuer) -> IssuerRecord:
         revoked_at=row.revoked_at,
         revocation_reason=row.revocation_reason,
     )
+
+
+# Writes of a caller's own, in the transaction that records a certificate.
+OnRecord = Callable[[Connection, CertificateRecord], None]
 
 
 def _certificate_record(row: Any) -> CertificateRecord:
@@ -490,8 +494,16 @@ class Storage:
             finally:
                 transaction.rollback()
 
-    def record_certificate(self, certificate_id: int, der: bytes, actor: str) -> CertificateRecord:
-        """Mark a pending certificate issued with its DER, with an audit event, atomically."""
+    def record_certificate(
+        self,
+        certificate_id: int,
+        der: bytes,
+        actor: str,
+        *,
+        on_record: OnRecord | None = None,
+    ) -> CertificateRecord:
+        """Mark a pending certificate issued with its DER, with an audit event, atomically;
+        `on_record(connection, record)` writes the caller's own part in the same transaction."""
         now = self.clock.now()
         with self._core() as connection:
             row = _RECORD.run(
@@ -515,6 +527,8 @@ class Storage:
                     },
                 ),
             )
+            if on_record is not None:
+                on_record(connection, record)
             return record
 
     def mark_failed(self, certificate_id: int, reason: str, actor: str) -> None:

@@ -375,3 +375,40 @@ def test_many_issuances_get_distinct_recorded_serials(authority: CertificateAuth
     assert len(serials) == 200
     assert all(0 < s < 1 << 128 for s in serials)
     assert authority.storage.count_certificates("issued") == 200
+
+
+def test_on_record_writes_in_the_recording_transaction(
+    authority: CertificateAuthority, storage: Storage
+) -> None:
+    """What a caller writes in `on_record` commits with the certificate's record, or neither
+    does: the certificate stays pending (never released) when the caller's part fails."""
+    from sqlalchemy import Connection
+
+    from ca.storage import CertificateRecord, audit
+
+    seen: list[str] = []
+
+    def note(connection: Connection, record: CertificateRecord) -> None:
+        seen.append(record.serial)
+        audit.append(
+            connection,
+            audit.values(storage.clock.now(), "test", "test.note", record.serial, "success", {}),
+        )
+
+    key = ec.generate_private_key(ec.SECP256R1()).public_key()
+    issued = authority.issue(
+        IssuanceRequest(key, (Identifier("dns", "noted.internal"),), "tls-server"), on_record=note
+    )
+    assert seen == [issued.record.serial] and issued.record.status == "issued"
+    assert [e["subject"] for e in storage.audit_events() if e["action"] == "test.note"] == seen
+
+    def fail(connection: Connection, record: CertificateRecord) -> None:
+        raise CAError(Kind.STORAGE, "the caller's write failed")
+
+    with pytest.raises(CAError, match="the caller's write failed"):
+        authority.issue(
+            IssuanceRequest(key, (Identifier("dns", "unnoted.internal"),), "tls-server"),
+            on_record=fail,
+        )
+    unnoted = storage.list_certificates(CertificateFilter(name="unnoted.internal"))
+    assert [(r.status, r.der) for r in unnoted] == [("pending", None)]
