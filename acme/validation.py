@@ -491,10 +491,6 @@ class _DeadlineSocket(socket.socket):
         self._wait_at_most()
         return super().recv_into(buffer, nbytes, flags)
 
-    def recv(self, bufsize: int, flags: int = 0) -> bytes:
-        self._wait_at_most()
-        return super().recv(bufsize, flags)
-
 
 # --- http-01 (RFC 8555 §8.3, RFC 8738 §4-5) -------------------------------------------------
 

@@ -41,8 +41,9 @@ Params = Mapping[str, Any]
 @dataclasses.dataclass(frozen=True)
 class _Bind:
     name: str  # as rendered in the SQL
-    key: str | None  # the caller's parameter, or None for a value fixed in the statement
-    value: Any  # that fixed value
+    key: str  # the caller's parameter name
+    required: bool  # False: the statement carries `value` (a literal, a bindparam default)
+    value: Any
     convert: Callable[[Any], Any] | None  # the column type's bind processor
 
 
@@ -67,9 +68,6 @@ class Rows:
 
     def __iter__(self) -> Iterator[Any]:
         return iter(self._rows)
-
-    def all(self) -> list[Any]:
-        return list(self._rows)
 
     def first(self) -> Any | None:
         return self._rows[0] if self._rows else None
@@ -158,7 +156,7 @@ class Prepared:
                     raise ValueError(f"{column}: Prepared applies constant defaults only")
                 defaults.append((column.key, column.default.arg))
             options["column_keys"] = sorted(keys | {key for key, _ in defaults})
-        if isinstance(statement, Update | Insert) and table is not None:
+        if isinstance(statement, Update) and table is not None:
             for column in table.columns:
                 if column.onupdate is not None:
                     raise ValueError(f"{column}: Prepared does not apply onupdate")
@@ -171,7 +169,8 @@ class Prepared:
             binds.append(
                 _Bind(
                     name,
-                    parameter.key if parameter.required else None,
+                    parameter.key,
+                    parameter.required,
                     parameter.value,
                     parameter.type.dialect_impl(dialect).bind_processor(dialect),
                 )
@@ -199,10 +198,10 @@ def _arguments(compiled: _Compiled, values: Params) -> Any:
         values = dict(compiled.defaults) | dict(values)
     bound = {}
     for bind in compiled.binds:
-        if bind.key is None:
-            value = bind.value
-        elif bind.key in values:
+        if bind.key in values:
             value = values[bind.key]
+        elif not bind.required:
+            value = bind.value
         else:
             raise exc.ArgumentError(f"a value is required for bind parameter {bind.key!r}")
         bound[bind.name] = value if bind.convert is None else bind.convert(value)

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 from sqlalchemy import Insert, bindparam, insert, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import ArgumentError, IntegrityError
 
 import ca.storage.acme_store
 import ca.storage.audit
@@ -103,6 +103,19 @@ def test_rowcount_and_returning(db: Storage) -> None:
     assert again.first() is None and again.rowcount == 0
 
 
+def test_a_bind_parameters_default_applies_unless_the_caller_gives_one(db: Storage) -> None:
+    by_status = Prepared(
+        select(AcmeAuthorization.id).where(
+            AcmeAuthorization.status == bindparam("status", value="pending")
+        )
+    )
+    with db.write() as connection:
+        INSERT_AUTHZ.run(connection, authz("d1"))
+    with db.read() as connection:
+        assert by_status.run(connection).scalars() == ["d1"]
+        assert by_status.run(connection, {"status": "valid"}).scalars() == []
+
+
 def test_it_runs_inside_the_callers_transaction(db: Storage) -> None:
     with pytest.raises(RuntimeError), db.write() as connection:
         INSERT_AUTHZ.run(connection, authz("gone"))
@@ -125,7 +138,7 @@ def test_a_constraint_violation_is_sqlalchemys_integrity_error(db: Storage) -> N
 
 
 def test_a_missing_parameter_is_refused(db: Storage) -> None:
-    with pytest.raises(Exception, match="'id'"), db.read() as connection:
+    with pytest.raises(ArgumentError, match="'id'"), db.engine.connect() as connection:
         AUTHZ.run(connection, {})
 
 
