@@ -41,6 +41,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from gunicorn.app.base import BaseApplication  # type: ignore[import-untyped]
 from gunicorn.config import AccessLogFormat  # type: ignore[import-untyped]
+from gunicorn.config import Config as GunicornConfig
 from gunicorn.glogging import Logger  # type: ignore[import-untyped]
 from gunicorn.workers import SUPPORTED_WORKERS  # type: ignore[import-untyped]
 
@@ -81,8 +82,6 @@ def gunicorn_file_settings(path: Path) -> dict[str, Any]:
     Python format) that apply to both listeners: workers, timeouts, keep-alive, max_requests,
     logging and the like. Names gunicorn does not know are ignored, as gunicorn does; binds, TLS
     and worker classes stay certwright's. A file gunicorn would refuse is a CONFIG error."""
-    from gunicorn.config import Config as GunicornConfig  # type: ignore[import-untyped]
-
     try:
         values = runpy.run_path(str(path))
     except OSError as exc:
