@@ -1,10 +1,12 @@
-"""The listeners' access log: the line in gunicorn's default format is gunicorn's own."""
+"""The listeners' access log: certwright's `AccessLog` writes the very line gunicorn would."""
 
 from __future__ import annotations
 
 import base64
 import datetime
 import logging
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,6 +14,32 @@ from gunicorn.config import Config as GunicornConfig
 from gunicorn.glogging import Logger
 
 from ca.server import AccessLog
+
+NOW = "[02/Dec/2026:01:02:03 +0000]"
+
+
+def _clear_gunicorn_loggers() -> None:
+    """gunicorn's loggers are process-wide; a new gunicorn Logger drops, unclosed, the handler
+    the last one made."""
+    for name in ("gunicorn.access", "gunicorn.error"):
+        log = logging.getLogger(name)
+        for handler in list(log.handlers):
+            if getattr(handler, "_gunicorn", False):
+                log.removeHandler(handler)
+                handler.close()
+
+
+def _only_gunicorns_handler(logger: Logger) -> None:
+    """Without the capture handlers pytest adds to every logger for the test's report."""
+    handlers = logger.access_log.handlers
+    handlers[:] = [h for h in handlers if getattr(h, "_gunicorn", False)]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_gunicorn_loggers() -> Iterator[None]:
+    _clear_gunicorn_loggers()
+    yield
+    _clear_gunicorn_loggers()
 
 
 class _Response:
@@ -21,27 +49,28 @@ class _Response:
         self.headers = headers
 
 
-class _Capture(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
+class _Request:
+    def __init__(self, headers: list[tuple[str, str]]) -> None:
+        self.headers = headers
 
 
-def _line(logger_class: type[Logger], access_format: str | None, **call: Any) -> str:
+def _logger(logger_class: type[Logger], path: Path, access_format: str | None) -> Logger:
     cfg = GunicornConfig()
-    cfg.set("accesslog", "-")
+    cfg.set("accesslog", str(path))  # gunicorn's own FileHandler, as for `accesslog`
     if access_format is not None:
         cfg.set("access_log_format", access_format)
     logger = logger_class(cfg)
-    capture = _Capture()
-    logger.access_log.handlers[:] = [capture]
-    logger.now = lambda: "[02/Dec/2026:01:02:03 +0000]"  # the same instant for both
+    logger.now = lambda: NOW  # the same instant for both
+    return logger
+
+
+def _lines(logger_class: type[Logger], tmp: Path, access_format: str | None, **call: Any) -> str:
+    path = tmp / f"{logger_class.__name__}.log"
+    logger = _logger(logger_class, path, access_format)
+    _only_gunicorns_handler(logger)  # so AccessLog writes its line itself
     logger.access(**call)
-    assert len(capture.lines) == 1
-    return capture.lines[0]
+    _clear_gunicorn_loggers()
+    return path.read_text()
 
 
 def _environ(**extra: str) -> dict[str, str]:
@@ -53,12 +82,13 @@ def _environ(**extra: str) -> dict[str, str]:
         "SERVER_PROTOCOL": "HTTP/1.1",
         "REMOTE_ADDR": "127.0.0.1",
         "HTTP_USER_AGENT": 'certbot/2.11 (quoted "agent")',
+        "wsgi.url_scheme": "https",
     }
     environ.update(extra)
     return environ
 
 
-CASES = {
+CALLS = {
     "typical": dict(
         resp=_Response("200 OK", 512, [("Content-Type", "application/json")]),
         environ=_environ(),
@@ -68,7 +98,7 @@ CASES = {
         environ=_environ(HTTP_REFERER="https://example.test/"),
     ),
     "integer status, basic auth, no agent": dict(
-        resp=_Response(403, 0, []),
+        resp=_Response(403, 0, [("Link", "<a>"), ("link", '<b "q">')]),
         environ={
             **{k: v for k, v in _environ().items() if k != "HTTP_USER_AGENT"},
             "HTTP_AUTHORIZATION": "Basic " + base64.b64encode(b"admin:pw").decode(),
@@ -76,24 +106,65 @@ CASES = {
     ),
 }
 
+FORMATS = {
+    "gunicorn's default": None,
+    "config/gunicorn.conf.py's": '%(h)s "%(r)s" %(s)s %(b)s %(M)sms "%(a)s"',
+    "every atom": " ".join(f"%({a})s" for a in "hlutrsmUqHbBfaTDMLp"),
+    "headers and environ": (
+        '%({X-Forwarded-For}i)s %({content-type}o)s "%({LINK}o)s" %({wsgi.url_scheme}e)s'
+        " %({absent}i)s %({absent}o)s %({absent}e)s %({bogus}x)s %(nosuch)s"
+    ),
+}
 
-@pytest.mark.parametrize("case", CASES, ids=list(CASES))
-def test_default_format_line_is_gunicorns(case: str) -> None:
+
+@pytest.mark.parametrize("access_format", FORMATS.values(), ids=list(FORMATS))
+@pytest.mark.parametrize("case", CALLS, ids=list(CALLS))
+def test_line_is_gunicorns(tmp_path: Path, case: str, access_format: str | None) -> None:
     call = dict(
-        CASES[case], req=[("User-Agent", "x")], request_time=datetime.timedelta(microseconds=1500)
+        CALLS[case],
+        req=_Request([("User-Agent", "x"), ("X-Forwarded-For", "192.0.2.7")]),
+        request_time=datetime.timedelta(seconds=2, microseconds=1500),
     )
-    ours = _line(AccessLog, None, **call)
-    assert ours == _line(Logger, None, **call)
-    assert "127.0.0.1" in ours
+    ours = _lines(AccessLog, tmp_path, access_format, **call)
+    assert ours == _lines(Logger, tmp_path, access_format, **call)
+    assert ours.count("\n") == 1
 
 
-def test_another_format_goes_gunicorns_way() -> None:
-    call = dict(
-        CASES["typical"],
-        req=[("X-Forwarded-For", "192.0.2.7")],
+def test_line_written_directly_to_gunicorns_stream(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fast path: no logging record for gunicorn's own handler."""
+    logger = _logger(AccessLog, tmp_path / "direct.log", None)
+    _only_gunicorns_handler(logger)
+    emitted: list[logging.LogRecord] = []
+    monkeypatch.setattr(logger.access_log, "handle", emitted.append)  # where a record would go
+    logger.access(
+        resp=CALLS["typical"]["resp"],
+        req=_Request([]),
+        environ=CALLS["typical"]["environ"],
         request_time=datetime.timedelta(milliseconds=3),
     )
-    access_format = '%({x-forwarded-for}i)s %(m)s %(U)s %(s)s %(M)s ms "%({content-type}o)s"'
-    ours = _line(AccessLog, access_format, **call)
-    assert ours == _line(Logger, access_format, **call)
-    assert ours == '192.0.2.7 POST /acme/authz/abc 200 3 ms "application/json"'
+    assert emitted == []
+    assert (tmp_path / "direct.log").read_text().startswith("127.0.0.1 - - [02/Dec/2026")
+
+
+def test_other_handlers_get_gunicorns_record(tmp_path: Path) -> None:
+    """A handler certwright did not see made (logconfig, syslog, a filter) gets gunicorn's
+    own logging record, with its atoms as the arguments."""
+    logger = _logger(AccessLog, tmp_path / "unused.log", '%(s)s "%({x-forwarded-for}i)s"')
+    _only_gunicorns_handler(logger)
+    records: list[logging.LogRecord] = []
+
+    class Capture(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    logger.access_log.addHandler(Capture())
+    logger.access(
+        resp=CALLS["typical"]["resp"],
+        req=_Request([("X-Forwarded-For", "192.0.2.7")]),
+        environ=CALLS["typical"]["environ"],
+        request_time=datetime.timedelta(milliseconds=3),
+    )
+    assert [r.getMessage() for r in records] == ['200 "192.0.2.7"']
+    assert isinstance(records[0].args, dict) and records[0].args["h"] == "127.0.0.1"
