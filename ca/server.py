@@ -318,10 +318,9 @@ class _Atoms(dict):  # type: ignore[type-arg]
         name, kind = key[1:-2].lower(), key[-1]
         if kind == "e":
             pairs: Any = environ.items()
-        else:
-            pairs = req if kind == "i" else resp.headers
-            pairs = getattr(pairs, "headers", pairs)
-            pairs = pairs.items() if hasattr(pairs, "items") else pairs
+        else:  # as gunicorn reads them: a request's headers, or the request as a header list
+            source = getattr(req, "headers", req) if kind == "i" else resp.headers
+            pairs = source.items() if hasattr(source, "items") else source
         found: Any = _ABSENT
         for header, value in pairs:  # the last of repeated names wins, as in gunicorn's dict
             if header.lower() == name:
@@ -366,6 +365,8 @@ class AccessLog(Logger):  # type: ignore[misc]  # gunicorn ships no type hints
         if log.filters or log.disabled or not log.isEnabledFor(logging.INFO) or log.propagate:
             return None
         handlers = log.handlers
+        if not handlers:
+            return None  # nothing to write to: gunicorn's path decides what that means
         for handler in handlers:
             if (
                 type(handler) not in (logging.StreamHandler, logging.FileHandler)
