@@ -19,8 +19,10 @@ import hmac
 import http.client
 import ipaddress
 import re
+import secrets
 import socket
 import ssl
+import struct
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -33,6 +35,8 @@ import dns.message
 import dns.name
 import dns.nameserver
 import dns.rcode
+import dns.rdataclass
+import dns.rdatatype
 import dns.rdtypes.txtbase
 import dns.resolver
 import dns.rrset
@@ -224,13 +228,21 @@ def make_resolver(cfg: ValidationConfig) -> dns.resolver.Resolver:
     """A stub resolver on ``cfg.dns_resolver`` (or the system's), without a cache.
 
     No cache: a client that has just published its TXT or fixed its CAA must be seen at once.
+    The one for a configured address is made once and shared: a look-up only reads it. The
+    system's is made anew each time, so that a change to /etc/resolv.conf counts at once.
     """
     if cfg.dns_resolver is None:
         resolver = dns.resolver.Resolver()
-    else:
-        host, port = parse_resolver_address(cfg.dns_resolver)
-        resolver = dns.resolver.Resolver(configure=False)
-        resolver.nameservers = [dns.nameserver.Do53Nameserver(host, port)]
+        resolver.cache = None
+        return resolver
+    return _resolver_on(cfg.dns_resolver)
+
+
+@functools.lru_cache(maxsize=64)
+def _resolver_on(address: str) -> dns.resolver.Resolver:
+    host, port = parse_resolver_address(address)
+    resolver = dns.resolver.Resolver(configure=False)
+    resolver.nameservers = [dns.nameserver.Do53Nameserver(host, port)]
     resolver.cache = None
     return resolver
 
@@ -285,13 +297,12 @@ def dns_lookups(
     """
     results: list[dns.rrset.RRset | Absent | None] = [None] * len(queries)
     server = resolver.nameservers[0] if resolver.nameservers else None
-    messages = [dns.message.make_query(name, rdtype) for name, rdtype in queries]
-    wires = [message.to_wire() for message in messages]
-    pending = {message.id: i for i, message in enumerate(messages)}
+    wires = [_query_wire(name, rdtype) for name, rdtype in queries]
+    pending = {wire[:2]: i for i, wire in enumerate(wires)}
     if (
         len(queries) > 1
         and type(server) is dns.nameserver.Do53Nameserver
-        and len(pending) == len(messages)  # no two random query ids alike
+        and len(pending) == len(wires)  # no two random query ids alike
     ):
         family = socket.AF_INET6 if ":" in server.address else socket.AF_INET
         try:
@@ -302,19 +313,16 @@ def dns_lookups(
                     sock.send(wire)
                 while pending:
                     wire = sock.recv(65535)
-                    i = pending.get(int.from_bytes(wire[:2], "big")) if len(wire) > 12 else None
-                    if i is None:
+                    i = pending.get(wire[:2])
+                    if i is None or not _echoes(wires[i], wire):
                         continue
-                    result: dns.rrset.RRset | Absent | None = _empty_answer(wires[i], wire)
+                    result: dns.rrset.RRset | Absent | None = _empty_answer(wire)
                     if result is None:
                         try:
-                            response = dns.message.from_wire(wire)
+                            result = _plain_answer(_answers_only(wire))
                         except dns.exception.DNSException:
                             continue
-                        if not messages[i].is_response(response):
-                            continue
-                        result = _plain_answer(response)
-                    del pending[messages[i].id]
+                    del pending[wire[:2]]
                     results[i] = result
         except (OSError, ValidationError):
             pass  # what is still unanswered is asked again, one at a time
@@ -322,22 +330,51 @@ def dns_lookups(
         yield result if result is not None else dns_lookup(resolver, name, rdtype, deadline)
 
 
-def _empty_answer(query: bytes, response: bytes) -> Absent | None:
-    """NXDOMAIN or NODATA read from the response's header alone, or None to parse it whole.
+# A query's header after its id (RFC 1035 §4.1.1): RD set, one question, no other records; so
+# no EDNS either, as dns.message.make_query() builds it when given no EDNS option.
+_QUERY_HEADER = struct.pack("!HHHHH", dns.flags.RD, 1, 0, 0, 0)
+
+
+@functools.lru_cache(maxsize=4096)
+def _question_wire(name: str, rdtype: str) -> bytes:
+    """The question section of a query for ``name`` (IDNA as dnspython encodes it)."""
+    qname = dns.name.from_text(name).to_wire()
+    assert qname is not None  # given no file, to_wire() returns the bytes
+    return qname + struct.pack("!HH", dns.rdatatype.from_text(rdtype), dns.rdataclass.IN)
+
+
+def _query_wire(name: str, rdtype: str) -> bytes:
+    """``dns.message.make_query(name, rdtype).to_wire()``, byte for byte, with a random id from
+    the CSPRNG; without dnspython's message objects, which cost more than the look-up's own
+    network round trip (tests/unit/test_validation_dns.py compares the two)."""
+    return secrets.token_bytes(2) + _QUERY_HEADER + _question_wire(name, rdtype)
+
+
+def _echoes(query: bytes, response: bytes) -> bool:
+    """A response (QR) to ``query``: the same id, opcode QUERY and our one question echoed byte
+    for byte, as a resolver echoes it (RFC 1035 §7.3). What dnspython's `is_response()` asks,
+    stricter only on the question's case, which we never vary."""
+    question_end = len(query)  # a query from _query_wire is header + its question only
+    return (
+        len(response) >= question_end
+        and response[:2] == query[:2]
+        and response[2] & 0x80 != 0  # QR
+        and response[2] & 0x78 == 0  # opcode QUERY
+        and response[4:6] == b"\x00\x01"  # QDCOUNT 1
+        and response[12:question_end] == query[12:question_end]
+    )
+
+
+def _empty_answer(response: bytes) -> Absent | None:
+    """NXDOMAIN or NODATA read from the header of a response that `_echoes` our query, or None
+    to parse its answers (`_answers_only`).
 
     Most answers a CAA climb gets are empty, and dnspython's parse of one (its SOA included)
-    costs more than the rest of the look-up. The header (RFC 1035 §4.1.1) says enough when the
-    response echoes our one question byte for byte: a response (QR), not truncated (TC), with
-    the RCODE and no answer records. Queries carry no EDNS, so there is no extended RCODE.
+    costs more than the rest of the look-up. The header (RFC 1035 §4.1.1) says enough: not
+    truncated (TC), the RCODE and no answer records. Queries carry no EDNS, so there is no
+    extended RCODE.
     """
-    question_end = len(query)  # a query made by make_query is header + its question only
-    if (
-        response[:2] != query[:2]
-        or not response[2] & 0x80  # QR
-        or response[2] & 0x7A  # opcode QUERY (0) and TC clear
-        or response[4:6] != b"\x00\x01"  # QDCOUNT 1
-        or response[12:question_end] != query[12:question_end]
-    ):
+    if response[2] & 0x02:  # TC: dns_lookup asks again over TCP
         return None
     rcode = response[3] & 0x0F
     if rcode == dns.rcode.NXDOMAIN:
@@ -345,6 +382,15 @@ def _empty_answer(query: bytes, response: bytes) -> Absent | None:
     if rcode == dns.rcode.NOERROR and response[6:8] == b"\x00\x00":  # ANCOUNT 0
         return Absent.NODATA
     return None
+
+
+def _answers_only(response: bytes) -> dns.message.Message:
+    """The response parsed by dnspython up to its answer section, all that `_plain_answer`
+    reads: the authority and additional sections (a resolver's SOA or NS records, which cost
+    most of a parse) count as zero and their bytes as trailing."""
+    return dns.message.from_wire(
+        response[:8] + b"\x00\x00\x00\x00" + response[12:], ignore_trailing=True
+    )
 
 
 def _plain_answer(response: dns.message.Message) -> dns.rrset.RRset | Absent | None:
