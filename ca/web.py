@@ -133,6 +133,15 @@ def create_app(runtime: Runtime, listener: str | None = None) -> Flask:
     carry `certwright_wsgi`, a function `(wsgi_app) -> wsgi_app`: a fast path that answers
     its hottest routes before Flask's routing (OCSP, DESIGN.md §6)."""
     app = Flask("certwright")
+    routed = app.wsgi_app
+
+    def scoped(environ: dict[str, Any], start_response: Any) -> Any:
+        # A routed request uses one database connection per engine (Storage.scope), given
+        # back before its response is sent. (A fast path's one look-up needs no scope.)
+        with runtime.storage.scope():
+            return routed(environ, start_response)
+
+    app.wsgi_app = scoped  # type: ignore[method-assign]
     app.register_blueprint(core_blueprint(runtime))
     for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         factory: Any = entry.load()

@@ -8,9 +8,10 @@ import datetime
 import fnmatch
 import json
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -309,6 +310,7 @@ class Storage:
             event.listen(self._relaxed_engine, "connect", _sqlite_relaxed_pragmas)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._relaxed_sessions = sessionmaker(self._relaxed_engine, expire_on_commit=False)
+        self._local = threading.local()  # this thread's `scope()`, if one is open
 
     def dispose(self) -> None:
         self.engine.dispose()
@@ -330,11 +332,70 @@ class Storage:
             yield session
 
     @contextmanager
+    def scope(self) -> Iterator[None]:
+        """Within it, on this thread, `read()`, `write()` and `_core()` share one connection per
+        engine, checked out at its first use and given back when the scope ends.
+
+        A request makes several of these calls (its nonce, its account, what it reads and
+        writes), and a checkout and check-in of the pool cost more than one of its prebuilt
+        statements. Each `write()` is still its own transaction, committed when it ends; a call
+        made while the connection is lent to another (one nested in a `write()`) checks out a
+        connection of its own, as outside a scope. Scopes nest: the outermost one counts.
+        """
+        if getattr(self._local, "held", None) is not None:
+            yield
+            return
+        held: dict[Engine, Connection] = {}
+        self._local.held, self._local.lent = held, set()
+        try:
+            yield
+        finally:
+            self._local.held = self._local.lent = None
+            for connection in held.values():
+                with suppress(SQLAlchemyError):  # a connection that died: the pool replaces it
+                    connection.close()
+
+    def _borrow(self, engine: Engine) -> Connection | None:
+        """The scope's connection for `engine`, lent until `_give_back`; None outside a scope
+        or while it is lent already."""
+        held: dict[Engine, Connection] | None = getattr(self._local, "held", None)
+        if held is None or engine in self._local.lent:
+            return None
+        connection = held.get(engine)
+        if connection is None or connection.invalidated:
+            if connection is not None:
+                with suppress(SQLAlchemyError):
+                    connection.close()
+            with _database_errors():
+                connection = held[engine] = engine.connect()
+        self._local.lent.add(engine)
+        return connection
+
+    def _give_back(self, engine: Engine) -> None:
+        self._local.lent.discard(engine)
+
+    @contextmanager
+    def _begun(self, engine: Engine) -> Iterator[Connection]:
+        """A transaction on `engine`, on the scope's connection when there is one."""
+        connection = self._borrow(engine)
+        if connection is None:
+            with _database_errors(), engine.begin() as connection:
+                yield connection
+            return
+        try:
+            with _database_errors():
+                if connection.in_transaction():
+                    connection.rollback()  # begun by a read on it: nothing to keep
+                with connection.begin():
+                    yield connection
+        finally:
+            self._give_back(engine)
+
+    @contextmanager
     def write(self, *, durable: bool = True) -> Iterator[Connection]:
         """`transaction()` without the ORM, for the prebuilt statements of per-request paths
         (no unit of work, no identity map, no ORM statement compilation); `durable` as there."""
-        engine = self.engine if durable else self._relaxed_engine
-        with _database_errors(), engine.begin() as connection:
+        with self._begun(self.engine if durable else self._relaxed_engine) as connection:
             if self.dialect == "sqlite":
                 _begin_immediate(connection)
             elif not durable:
@@ -345,8 +406,16 @@ class Storage:
     def read(self) -> Iterator[Connection]:
         """A Core connection for the prebuilt reads of per-request paths (no ORM identity map,
         no transaction to commit)."""
-        with _database_errors(), self.engine.connect() as connection:
-            yield connection
+        connection = self._borrow(self.engine)
+        if connection is None:
+            with _database_errors(), self.engine.connect() as connection:
+                yield connection
+            return
+        try:
+            with _database_errors():
+                yield connection
+        finally:
+            self._give_back(self.engine)
 
     @contextmanager
     def _core(self, *, flush_log: bool = True) -> Iterator[Connection]:
@@ -362,8 +431,7 @@ class Storage:
         a database that stops mid-issuance keeps the pending serial on record (#6).
         """
         relaxed = not flush_log and self.dialect == "sqlite"
-        engine = self._relaxed_engine if relaxed else self.engine
-        with _database_errors(), engine.begin() as connection:
+        with self._begun(self._relaxed_engine if relaxed else self.engine) as connection:
             if self.dialect == "sqlite":
                 _begin_immediate(connection)
             yield connection
