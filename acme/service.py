@@ -698,7 +698,8 @@ class AcmeService:
             policy.check_public_key(csr_key, self.authority.profiles[order.profile])
         except CAError as exc:
             raise problems.bad_csr(exc.detail) from None
-        if certs.spki_sha256(csr_key) == _jwk_spki_sha256(account.jwk):
+        # The account's key as authentication parsed it (kept per process, jws.stored_account_key).
+        if csr_key == jws.stored_account_key(account.jwk):
             raise problems.bad_csr("the certificate key must not be the account key")
         # CAA recheck before the serial is touched (BR 3.2.2.8: validation older than 8 hours).
         stale = [

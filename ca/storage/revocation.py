@@ -105,7 +105,7 @@ class ResponderRecord:
 @contextmanager
 def _reading(storage: Storage) -> Iterator[Connection]:
     """A Core connection for read-only hot paths; failures become CAError(STORAGE)."""
-    with _database_errors(), storage.engine.connect() as connection:
+    with storage.read() as connection:
         yield connection
 
 

@@ -645,7 +645,7 @@ class Storage:
             return _certificate_record(row)
 
     def get_certificate(self, serial: str) -> CertificateRecord:
-        with _database_errors(), self.engine.connect() as connection:
+        with self.read() as connection:
             row = _CERTIFICATE_BY_SERIAL.run(connection, {"serial": serial}).first()
         if row is None:
             raise CAError(Kind.NOT_FOUND, f"no certificate with serial {serial}")
