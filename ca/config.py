@@ -55,6 +55,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "http_listen": "127.0.0.1:8080",
         "https_listen": "127.0.0.1:8443",
         "workers": 2,
+        # "auto": each gunicorn worker runs on a CPU of its own (of those the process may use);
+        # "off": wherever the kernel puts it.
+        "cpu_affinity": "auto",
         # Names the HTTPS listener's own certificate carries (plus https_listen's host).
         "tls_names": ["127.0.0.1"],
     },
