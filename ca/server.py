@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import datetime
+import gc
 import importlib.metadata
 import io
 import logging
@@ -139,6 +140,12 @@ class _Application(BaseApplication):  # type: ignore[misc]  # gunicorn ships no 
                 runtime.authority.warm_up()  # the first certificate should not pay for it
             except CAError as exc:
                 log.warning("warm-up failed (%s); serving anyway, /healthz says why", exc.detail)
+        # The cyclic collector's youngest generation every 10,000 allocations, not 700: most of
+        # a request's objects are freed by reference counting before a collection would see
+        # them. Timed with gc.callbacks in both workers over 1,000 ACME certificates: 215 ms
+        # of collections per worker at the default, 85 ms at 10,000 (each pause ~5 ms; 50,000
+        # saved no more and paused for 100 ms).
+        gc.set_threshold(10_000, 10, 10)
         if self._options.get("worker_class") == "asgi":
             return WsgiOverAsgi(app)
         return app
