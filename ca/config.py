@@ -55,8 +55,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "http_listen": "127.0.0.1:8080",
         "https_listen": "127.0.0.1:8443",
         "workers": 2,
-        # "auto": each gunicorn worker runs on a CPU of its own (of those the process may use);
-        # "off": wherever the kernel puts it.
+        # "auto": when a listener has at least a worker per CPU the process may use, each of its
+        # workers runs on a CPU of its own; "off": wherever the kernel puts them.
         "cpu_affinity": "auto",
         # Names the HTTPS listener's own certificate carries (plus https_listen's host).
         "tls_names": ["127.0.0.1"],

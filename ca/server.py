@@ -407,10 +407,10 @@ def cpu_affinity_setting(config: Config) -> str:
     return value
 
 
-def _pick_cpu(allowed: set[int], taken: Iterable[int | None]) -> int | None:
-    """The allowed CPU with the fewest live workers on it (the lowest of those), or None when
-    there is only one CPU to run on."""
-    if len(allowed) < 2:
+def _pick_cpu(allowed: set[int], taken: Iterable[int | None], workers: int) -> int | None:
+    """The allowed CPU with the fewest live workers on it (the lowest of those); None when the
+    listener has fewer workers than CPUs (the kernel has room to place them) or one CPU only."""
+    if len(allowed) < 2 or workers < len(allowed):
         return None
     counts = collections.Counter(taken)
     return min(sorted(allowed), key=lambda cpu: counts[cpu])
@@ -420,7 +420,7 @@ def _pin_pre_fork(server: Any, worker: Any) -> None:
     """gunicorn's pre_fork (in the arbiter): choose the new worker's CPU among those this
     process may run on, away from the live workers (a replaced worker gets the CPU it left)."""
     taken = (getattr(w, "certwright_cpu", None) for w in server.WORKERS.values())
-    worker.certwright_cpu = _pick_cpu(os.sched_getaffinity(0), taken)
+    worker.certwright_cpu = _pick_cpu(os.sched_getaffinity(0), taken, server.num_workers)
 
 
 def _pin_post_fork(server: Any, worker: Any) -> None:
@@ -470,12 +470,13 @@ def _gunicorn_options(
         else:
             options.update(worker_class="gthread", threads=1)
     if cpu_affinity == "auto":
-        # Each worker on a CPU of its own. Left to the kernel, a busy 2-core host runs both
-        # workers on one CPU at times while the other idles (wake-up placement): under
-        # `scripts/bench acme` 12-16 % of the CPU time was idle while the workers waited to run
-        # 27 % of theirs. Pinned, idle fell to 8-12 % and the rate rose 9-35 % in five of five
-        # interleaved pairs. The worker's threads (ACME validations) share its CPU, as they
-        # share its interpreter lock.
+        # A listener with a worker per CPU (or more) runs each on a CPU of its own. Left to the
+        # kernel, a busy 2-core host runs both workers on one CPU at times while the other
+        # idles (wake-up placement): under `scripts/bench acme` 12-16 % of the CPU time was
+        # idle while the workers waited to run 27 % of theirs. Pinned, idle fell to 8-12 % and
+        # the rate rose 9-35 % in five of five interleaved pairs. With fewer workers than CPUs
+        # the kernel keeps placing them: it has room, and other services may pin too. The
+        # worker's threads (ACME validations) share its CPU, as they share its interpreter lock.
         options.update(pre_fork=_pin_pre_fork, post_fork=_pin_post_fork)
     return options
 

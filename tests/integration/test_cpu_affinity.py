@@ -22,21 +22,22 @@ needs_two_cpus = pytest.mark.skipif(len(ALLOWED) < 2, reason="pinning needs two 
 
 
 @pytest.mark.parametrize(
-    ("allowed", "taken", "expected"),
+    ("allowed", "taken", "workers", "expected"),
     [
-        ({0, 1}, [], 0),
-        ({0, 1}, [0], 1),
-        ({0, 1}, [0, 1], 0),  # more workers than CPUs: round and round
-        ({0, 1}, [None, 1], 0),  # a worker forked unpinned counts for no CPU
-        ({2, 5}, [2], 5),  # only the CPUs this process may use (a cpuset, taskset)
-        ({0, 1, 2}, [1, 0, 1], 2),
-        ({3}, [], None),  # one CPU: nothing to choose
+        ({0, 1}, [], 2, 0),
+        ({0, 1}, [0], 2, 1),
+        ({0, 1}, [0, 1], 3, 0),  # more workers than CPUs: round and round
+        ({0, 1}, [None, 1], 2, 0),  # a worker forked unpinned counts for no CPU
+        ({2, 5}, [2], 2, 5),  # only the CPUs this process may use (a cpuset, taskset)
+        ({0, 1, 2}, [1, 0, 1], 4, 2),
+        ({0, 1, 2, 3}, [], 2, None),  # fewer workers than CPUs: the kernel places them
+        ({3}, [], 1, None),  # one CPU: nothing to choose
     ],
 )
 def test_a_new_worker_gets_the_least_used_allowed_cpu(
-    allowed: set[int], taken: list[int | None], expected: int | None
+    allowed: set[int], taken: list[int | None], workers: int, expected: int | None
 ) -> None:
-    assert _pick_cpu(allowed, taken) == expected
+    assert _pick_cpu(allowed, taken, workers) == expected
 
 
 def _status(pid: int) -> dict[str, str]:
@@ -84,13 +85,23 @@ def wait_for_workers(
         time.sleep(0.2)
 
 
+TWO = set(sorted(ALLOWED)[:2])
+
+
 @pytest.fixture
 def serve(tmp_path: Path) -> Iterator[object]:
+    """`certwright serve` with 2 workers, started while this process may run on two CPUs only
+    (the server inherits that, as from taskset): a worker per CPU, whatever the machine."""
+
     def start(**env: str) -> object:
         return certwright_server(tmp_path / "cw", dns, workers=2, extra_env=env)
 
-    with challtestsrv(tmp_path / "dns") as dns:
-        yield start
+    os.sched_setaffinity(0, TWO)
+    try:
+        with challtestsrv(tmp_path / "dns") as dns:
+            yield start
+    finally:
+        os.sched_setaffinity(0, ALLOWED)
 
 
 @needs_two_cpus
@@ -99,9 +110,8 @@ def test_auto_pins_each_worker_to_its_own_cpu_and_a_replacement_to_the_freed_one
 ) -> None:
     with serve() as server:  # type: ignore[operator]
         workers = wait_for_workers(server, 2)
-        cpus = sorted(next(iter(allowed)) for allowed in workers.values())
         assert all(len(allowed) == 1 for allowed in workers.values()), workers
-        assert cpus == sorted(ALLOWED)[:2]
+        assert set().union(*workers.values()) == TWO
         victim, victim_cpus = max(workers.items(), key=lambda item: min(item[1]))
         os.kill(victim, signal.SIGKILL)
         replaced = wait_for_workers(server, 2, without=victim)
@@ -109,9 +119,20 @@ def test_auto_pins_each_worker_to_its_own_cpu_and_a_replacement_to_the_freed_one
         assert replaced[newcomer] == victim_cpus
 
 
+@needs_two_cpus
 def test_off_leaves_the_workers_where_the_kernel_puts_them(serve: object) -> None:
     with serve(CERTWRIGHT_SERVER__CPU_AFFINITY="off") as server:  # type: ignore[operator]
         workers = wait_for_workers(server, 2)
+        assert all(allowed == TWO for allowed in workers.values()), workers
+
+
+@needs_two_cpus
+def test_fewer_workers_than_cpus_stay_unpinned(tmp_path: Path) -> None:
+    with (
+        challtestsrv(tmp_path / "dns") as dns,
+        certwright_server(tmp_path / "cw", dns, workers=1) as server,
+    ):
+        workers = wait_for_workers(server, 1)
         assert all(allowed == ALLOWED for allowed in workers.values()), workers
 
 
