@@ -374,6 +374,14 @@ class Storage:
     def _give_back(self, engine: Engine) -> None:
         self._local.lent.discard(engine)
 
+    def _drop(self, engine: Engine) -> None:
+        """Give the scope's connection for `engine` back to the pool now; the next call checks
+        out another."""
+        connection = self._local.held.pop(engine, None)
+        if connection is not None:
+            with suppress(SQLAlchemyError):
+                connection.close()
+
     @contextmanager
     def _begun(self, engine: Engine) -> Iterator[Connection]:
         """A transaction on `engine`, on the scope's connection when there is one."""
@@ -413,7 +421,13 @@ class Storage:
             return
         try:
             with _database_errors():
-                yield connection
+                try:
+                    yield connection
+                except SQLAlchemyError:
+                    # A failed statement can leave the connection in a transaction the server
+                    # aborted (PostgreSQL); it goes back to the pool, which rolls it back.
+                    self._drop(self.engine)
+                    raise
         finally:
             self._give_back(self.engine)
 

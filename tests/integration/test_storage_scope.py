@@ -7,7 +7,7 @@ import datetime
 from collections.abc import Iterator
 
 import pytest
-from sqlalchemy import bindparam, event, insert, select
+from sqlalchemy import bindparam, event, insert, literal_column, select
 
 from ca.errors import CAError, Kind
 from ca.storage import Storage
@@ -17,6 +17,7 @@ from ca.storage.prepared import Prepared
 NOW = datetime.datetime(2026, 12, 2, 12, 0, tzinfo=datetime.UTC)
 USE = Prepared(insert(AcmeNonce))
 USED = Prepared(select(AcmeNonce.value).where(AcmeNonce.value == bindparam("value")))
+BROKEN = Prepared(select(literal_column("no_such_column")).select_from(AcmeNonce.__table__))
 
 
 @pytest.fixture
@@ -134,3 +135,18 @@ def test_a_connection_invalidated_in_a_scope_is_replaced(db: Storage) -> None:
             assert connection is not first
             use(connection, "replaced")
     assert used(db, "replaced")
+
+
+def test_a_failed_read_gives_its_connection_back_and_the_next_call_works(db: Storage) -> None:
+    seen = checkouts(db)
+    with db.scope():
+        with pytest.raises(CAError), db.read() as connection:
+            # A statement the database refuses, run as the per-request paths run theirs:
+            # PostgreSQL aborts the transaction it began, which SQLAlchemy never saw.
+            BROKEN.run(connection, {})
+        with db.write() as connection:
+            use(connection, "after-a-failed-read")
+        with db.read() as connection:
+            assert USED.run(connection, {"value": "after-a-failed-read"}).first()
+    assert len(seen) == 2  # the failed read's connection was not lent again
+    assert used(db, "after-a-failed-read")
