@@ -362,10 +362,10 @@ class Storage:
         if held is None or engine in self._local.lent:
             return None
         connection = held.get(engine)
-        if connection is None or connection.invalidated:
-            if connection is not None:
-                with suppress(SQLAlchemyError):
-                    connection.close()
+        if connection is not None and connection.invalidated:
+            self._drop(engine)
+            connection = None
+        if connection is None:
             with _database_errors():
                 connection = held[engine] = engine.connect()
         self._local.lent.add(engine)
