@@ -623,9 +623,13 @@ def _jobs_main(config: Config, https_listen: str) -> None:
 
 
 def _http_main(
-    config: Config, listen: str, workers: int, gunicorn_config: Path | None = None
+    config: Config,
+    listen: str,
+    workers: int,
+    gunicorn_config: Path | None = None,
+    cpu_affinity: str = "auto",
 ) -> None:
-    options = _gunicorn_options(listen, workers, "http", cpu_affinity_setting(config))
+    options = _gunicorn_options(listen, workers, "http", cpu_affinity)
     _Application(config, "http", options, gunicorn_config).run()
 
 
@@ -638,7 +642,7 @@ def serve(
 ) -> None:
     if gunicorn_config is not None:
         gunicorn_file_settings(gunicorn_config)  # a bad file fails here, in one line
-    cpu_affinity_setting(config)  # and a bad setting here
+    cpu_affinity = cpu_affinity_setting(config)  # and a bad setting here
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # Before any process that counts starts: they all write to this (emptied) directory.
     metrics.enable_multiprocess(config.data_dir / "metrics")
@@ -654,7 +658,9 @@ def serve(
         )
     children = [
         spawn.Process(
-            target=_http_main, args=(config, http_listen, workers, gunicorn_config), name="http"
+            target=_http_main,
+            args=(config, http_listen, workers, gunicorn_config, cpu_affinity),
+            name="http",
         ),
         spawn.Process(target=_jobs_main, args=(config, https_listen), name="jobs"),
     ]
@@ -667,7 +673,7 @@ def serve(
         file=sys.stderr,
         flush=True,
     )
-    options = _gunicorn_options(https_listen, workers, "https", cpu_affinity_setting(config))
+    options = _gunicorn_options(https_listen, workers, "https", cpu_affinity)
     options.update(certfile=str(path), keyfile=None, ssl_context=_ReloadingContext(path))
     arbiter = os.getpid()
     try:

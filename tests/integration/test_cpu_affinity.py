@@ -48,10 +48,6 @@ def _status(pid: int) -> dict[str, str]:
     return fields
 
 
-def _cpus(pid: int) -> set[int]:
-    return os.sched_getaffinity(pid)
-
-
 def https_workers(server: AcmeServer) -> dict[int, set[int]]:
     """The ACME listener's workers (children of the arbiter that run `certwright serve`, not
     the spawned HTTP listener and jobs processes) and the CPUs each may run on."""
@@ -67,7 +63,7 @@ def https_workers(server: AcmeServer) -> dict[int, set[int]]:
             command = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
             if not any(part.endswith(b"certwright") for part in command) or b"serve" not in command:
                 continue
-            workers[int(entry)] = _cpus(int(entry))
+            workers[int(entry)] = os.sched_getaffinity(int(entry))
         except (OSError, KeyError):
             continue  # gone meanwhile
     return workers
