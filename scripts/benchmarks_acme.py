@@ -1,7 +1,8 @@
 """`scripts/bench acme`: N concurrent ACME clients doing whole certificate cycles, vs Pebble.
 
 Each client is a small RFC 8555 client written here (flattened JWS with ES256, RFC 7638
-thumbprints, http.client over TLS that trusts only the server's root). One cycle is what a real
+thumbprints, HTTP/1.1 keep-alive over TLS that trusts only the server's root); all of them run
+on one event loop, in one thread of the load generator. One cycle is what a real
 client does for one certificate: newOrder → fetch the authorization → answer its http-01
 challenge → finalize with a fresh P-256 CSR → poll while `processing` → download the chain; the
 server validates for real, connecting to one shared HTTP responder (a small event loop) on its
@@ -21,7 +22,6 @@ import base64
 import contextlib
 import dataclasses
 import hashlib
-import http.client
 import json
 import os
 import ssl
@@ -31,7 +31,7 @@ import threading
 import time
 import urllib.parse
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -191,8 +191,91 @@ class _ResponderProtocol(asyncio.Protocol):
 # -- the client ----------------------------------------------------------------------------------
 
 
-class AcmeClient:
-    """One account on one ACME server, used by one thread at a time."""
+class _Connection:
+    """One keep-alive HTTPS connection (HTTP/1.1): a request at a time, its reply read whole,
+    framed by Content-Length or chunked (Pebble's Go server chunks larger bodies)."""
+
+    def __init__(self, host: str, port: int, context: ssl.SSLContext) -> None:
+        self._host, self._port, self._context = host, port, context
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    def close(self) -> None:
+        """Drop the connection now (no TLS close_notify): after a failure, or before reuse."""
+        if self._writer is not None:
+            self._writer.transport.abort()
+        self._reader = self._writer = None
+
+    async def aclose(self) -> None:
+        """Close the connection, TLS close_notify included."""
+        writer, self._reader, self._writer = self._writer, None, None
+        if writer is not None:
+            writer.close()
+            with contextlib.suppress(OSError, asyncio.TimeoutError):
+                await asyncio.wait_for(writer.wait_closed(), 5)
+
+    async def request(
+        self, method: str, target: str, body: bytes | None, headers: dict[str, str]
+    ) -> Reply:
+        head = f"{method} {target} HTTP/1.1\r\nHost: {self._host}:{self._port}\r\n"
+        head += "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+        if body is not None:
+            head += f"Content-Length: {len(body)}\r\n"
+        data = head.encode("latin-1") + b"\r\n" + (body or b"")
+        for attempt in (1, 2):
+            fresh = self._writer is None
+            try:
+                return await asyncio.wait_for(self._exchange(method, data), REQUEST_TIMEOUT)
+            except (ConnectionError, asyncio.IncompleteReadError):
+                # A keep-alive connection the server closed while idle: reconnect once. A
+                # request the server did process answers badNonce on replay, never twice.
+                self.close()
+                if attempt == 2 or fresh:
+                    raise
+            except BaseException:
+                self.close()  # a timeout leaves it mid-request: start afresh
+                raise
+        raise AssertionError("unreachable")
+
+    async def _exchange(self, method: str, data: bytes) -> Reply:
+        if self._writer is None:
+            self._reader, self._writer = await asyncio.open_connection(
+                self._host, self._port, ssl=self._context, limit=1 << 20
+            )
+        assert self._reader is not None
+        self._writer.write(data)
+        lines = (await self._reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+        status = int(lines[0].split(" ", 2)[1])
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            if name:
+                headers[name.strip().lower()] = value.strip()
+        if method == "HEAD" or status in (204, 304):
+            body = b""
+        elif headers.get("transfer-encoding", "").lower() == "chunked":
+            body = await self._chunked()
+        elif "content-length" in headers:
+            body = await self._reader.readexactly(int(headers["content-length"]))
+        else:
+            body = await self._reader.read()
+            headers["connection"] = "close"
+        if headers.get("connection", "").lower() == "close":
+            self.close()
+        return Reply(status, headers, body)
+
+    async def _chunked(self) -> bytes:
+        assert self._reader is not None
+        parts = []
+        while size := int((await self._reader.readuntil(b"\r\n")).split(b";")[0], 16):
+            parts.append((await self._reader.readexactly(size + 2))[:-2])
+        while await self._reader.readuntil(b"\r\n") != b"\r\n":
+            pass  # trailer fields
+        return b"".join(parts)
+
+
+class AsyncAcmeClient:
+    """One account on one ACME server; its coroutines run on one event loop at a time."""
 
     def __init__(
         self,
@@ -203,9 +286,8 @@ class AcmeClient:
     ) -> None:
         parsed = urllib.parse.urlsplit(directory_url)
         assert parsed.hostname and parsed.port
-        self._connection = http.client.HTTPSConnection(
-            parsed.hostname, parsed.port, context=context, timeout=REQUEST_TIMEOUT
-        )
+        self._directory_url = directory_url
+        self._connection = _Connection(parsed.hostname, parsed.port, context)
         self._responder = responder
         self._poll = poll
         self._key = ec.generate_private_key(ec.SECP256R1())
@@ -223,45 +305,33 @@ class AcmeClient:
         self._nonce: str | None = None
         self.slept = 0.0  # seconds spent waiting as the server or --poll asked
         self.phases: dict[str, float] = dict.fromkeys(PHASES, 0.0)  # seconds per cycle step
-        self.directory = self._request("GET", directory_url).json()
+        self.directory: dict[str, Any] = {}
 
-    def close(self) -> None:
-        self._connection.close()
+    async def open(self) -> None:
+        """Read the directory (§7.1.1)."""
+        self.directory = (await self._request("GET", self._directory_url)).json()
 
-    def _request(
+    async def close(self) -> None:
+        await self._connection.aclose()
+
+    async def _request(
         self, method: str, url: str, body: bytes | None = None, content_type: str | None = None
     ) -> Reply:
         headers = {"Content-Type": content_type} if content_type else {}
         path = urllib.parse.urlsplit(url)
         target = path.path + (f"?{path.query}" if path.query else "")
-        for attempt in (1, 2):
-            try:
-                self._connection.request(method, target, body=body, headers=headers)
-                response = self._connection.getresponse()
-                data = response.read()
-            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
-                # A keep-alive connection the server closed while idle: reconnect once. A
-                # request the server did process answers badNonce on replay, never twice.
-                self._connection.close()
-                if attempt == 2:
-                    raise
-                continue
-            except (OSError, http.client.HTTPException):
-                self._connection.close()  # a timeout leaves it mid-request: start afresh
-                raise
-            return Reply(response.status, {k.lower(): v for k, v in response.getheaders()}, data)
-        raise AssertionError("unreachable")
+        return await self._connection.request(method, target, body, headers)
 
-    def _fresh_nonce(self) -> str:
-        reply = self._request("HEAD", self.directory["newNonce"])
+    async def _fresh_nonce(self) -> str:
+        reply = await self._request("HEAD", self.directory["newNonce"])
         return reply.headers["replay-nonce"]
 
-    def _sign(self, url: str, payload: dict[str, Any] | None) -> bytes:
+    async def _sign(self, url: str, payload: dict[str, Any] | None) -> bytes:
         """A flattened JWS (§6.2): ES256 over the protected header and payload; jwk only for
         newAccount, kid afterwards (§6.2); the empty payload is POST-as-GET (§6.3)."""
         protected: dict[str, Any] = {
             "alg": "ES256",
-            "nonce": self._nonce or self._fresh_nonce(),
+            "nonce": self._nonce or await self._fresh_nonce(),
             "url": url,
         }
         self._nonce = None
@@ -284,9 +354,10 @@ class AcmeClient:
             }
         ).encode()
 
-    def post(self, url: str, payload: dict[str, Any] | None) -> Reply:
+    async def post(self, url: str, payload: dict[str, Any] | None) -> Reply:
         for attempt in range(3):
-            reply = self._request("POST", url, self._sign(url, payload), "application/jose+json")
+            signed = await self._sign(url, payload)
+            reply = await self._request("POST", url, signed, "application/jose+json")
             self._nonce = reply.headers.get("replay-nonce")
             if reply.status < 400:
                 return reply
@@ -299,19 +370,21 @@ class AcmeClient:
             raise AcmeProblem(reply.status, problem)
         raise AssertionError("unreachable")
 
-    def _wait(self, reply: Reply) -> None:
+    async def _wait(self, reply: Reply) -> None:
         delay = reply.retry_after if reply.retry_after is not None else self._poll
         self.slept += delay
-        time.sleep(delay)
+        await asyncio.sleep(delay)
 
-    def register(self) -> None:
-        reply = self.post(
+    async def register(self) -> None:
+        reply = await self.post(
             self.directory["newAccount"],
             {"termsOfServiceAgreed": True, "contact": ["mailto:bench@certwright.test"]},
         )
         self._kid = reply.headers["location"]
 
-    def _poll_until(self, url: str, first: Reply, done: Callable[[str], bool]) -> dict[str, Any]:
+    async def _poll_until(
+        self, url: str, first: Reply, done: Callable[[str], bool]
+    ) -> dict[str, Any]:
         reply = first
         while True:
             document = reply.json()
@@ -320,43 +393,41 @@ class AcmeClient:
                 return document
             if status == "invalid":
                 raise AcmeProblem(reply.status, document.get("error") or {"detail": str(document)})
-            self._wait(reply)
-            reply = self.post(url, None)
+            await self._wait(reply)
+            reply = await self.post(url, None)
 
-    @contextlib.contextmanager
-    def _phase(self, phase: str) -> Iterator[None]:
-        began = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.phases[phase] += time.perf_counter() - began
+    def _phase(self, phase: str, began: float) -> None:
+        self.phases[phase] += time.perf_counter() - began
 
-    def obtain(self, name: str) -> list[x509.Certificate]:
+    async def obtain(self, name: str) -> list[x509.Certificate]:
         """One certificate for `name`, the whole cycle (§7.4), http-01 for every authorization."""
-        with self._phase("newOrder"):
-            reply = self.post(
-                self.directory["newOrder"], {"identifiers": [{"type": "dns", "value": name}]}
-            )
+        began = time.perf_counter()
+        reply = await self.post(
+            self.directory["newOrder"], {"identifiers": [{"type": "dns", "value": name}]}
+        )
+        self._phase("newOrder", began)
         order_url = reply.headers["location"]
         order = reply.json()
         for authz_url in order["authorizations"]:
-            with self._phase("authorization"):
-                authz = self.post(authz_url, None).json()
+            began = time.perf_counter()
+            authz = (await self.post(authz_url, None)).json()
+            self._phase("authorization", began)
             if authz["status"] == "valid":
                 continue
             challenge = next(c for c in authz["challenges"] if c["type"] == "http-01")
             token = challenge["token"]
             self._responder.add(token, f"{token}.{self._thumbprint}")  # §8.1
+            began = time.perf_counter()
             try:
-                with self._phase("challenge"):
-                    answered = self.post(challenge["url"], {})
-                    if answered.json().get("status") != "valid":
-                        self._wait(answered)
-                        self._poll_until(
-                            authz_url, self.post(authz_url, None), lambda s: s == "valid"
-                        )
+                answered = await self.post(challenge["url"], {})
+                if answered.json().get("status") != "valid":
+                    await self._wait(answered)
+                    await self._poll_until(
+                        authz_url, await self.post(authz_url, None), lambda s: s == "valid"
+                    )
             finally:
                 self._responder.remove(token)
+                self._phase("challenge", began)
         key = ec.generate_private_key(ec.SECP256R1())
         csr = (
             x509.CertificateSigningRequestBuilder()
@@ -364,16 +435,51 @@ class AcmeClient:
             .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
             .sign(key, hashes.SHA256())
         )
-        with self._phase("finalize"):
-            finalized = self.post(
-                order["finalize"], {"csr": b64url(csr.public_bytes(serialization.Encoding.DER))}
-            )
-            order = self._poll_until(order_url, finalized, lambda s: s == "valid")
-        with self._phase("download"):
-            chain = self.post(order["certificate"], None)
+        began = time.perf_counter()
+        finalized = await self.post(
+            order["finalize"], {"csr": b64url(csr.public_bytes(serialization.Encoding.DER))}
+        )
+        order = await self._poll_until(order_url, finalized, lambda s: s == "valid")
+        self._phase("finalize", began)
+        began = time.perf_counter()
+        chain = await self.post(order["certificate"], None)
+        self._phase("download", began)
         certificates = x509.load_pem_x509_certificates(chain.body)
         check_chain(certificates, name, key.public_key())
         return certificates
+
+
+class AcmeClient:
+    """`AsyncAcmeClient` for callers with threads (the soak test, the tests): each call runs
+    to its end on the client's own event loop. One thread at a time."""
+
+    def __init__(
+        self,
+        directory_url: str,
+        context: ssl.SSLContext,
+        responder: ChallengeResponder,
+        poll: float,
+    ) -> None:
+        self._loop = uvloop.new_event_loop()
+        self.client = AsyncAcmeClient(directory_url, context, responder, poll)
+        self._loop.run_until_complete(self.client.open())
+
+    @property
+    def directory(self) -> dict[str, Any]:
+        return self.client.directory
+
+    def close(self) -> None:
+        self._loop.run_until_complete(self.client.close())
+        self._loop.close()
+
+    def register(self) -> None:
+        self._loop.run_until_complete(self.client.register())
+
+    def post(self, url: str, payload: dict[str, Any] | None) -> Reply:
+        return self._loop.run_until_complete(self.client.post(url, payload))
+
+    def obtain(self, name: str) -> list[x509.Certificate]:
+        return self._loop.run_until_complete(self.client.obtain(name))
 
 
 def check_chain(
@@ -462,73 +568,71 @@ def run_load(
     warmup: int = 0,
 ) -> LoadResult:
     """Accounts, then `warmup` certificates off the clock (workers' first requests, the jobs'
-    first round), then the measured run."""
-    context = ssl.create_default_context(cafile=str(server.tls_trust))
+    first round), then the measured run. Every client runs on one event loop in this thread:
+    the load generator shares the machine with the server under test, and one thread
+    multiplexing every connection costs it far less CPU than a thread per client."""
     with ChallengeResponder(server.http01_port) as responder:
-        pool = [AcmeClient(server.directory_url, context, responder, poll) for _ in range(clients)]
-        try:
-            for client in pool:
-                client.register()
-            if warmup:
-                _drive(pool, label, warmup)
-                for client in pool:
-                    client.phases = dict.fromkeys(PHASES, 0.0)
-                    client.slept = 0.0
-            group = server.process_group
-            before = process_group_cpu(group) if group else {}
-            result = _drive(pool, label, certificates)
-            after = process_group_cpu(group) if group else {}
-            result.server_cpu = sum(cpu - before.get(pid, 0.0) for pid, cpu in after.items())
-            return result
-        finally:
-            for client in pool:
-                client.close()
+        return uvloop.run(_load(server, label, clients, certificates, poll, warmup, responder))
 
 
-def _drive(pool: list[AcmeClient], label: str, certificates: int) -> LoadResult:
-    lock = threading.Lock()
+async def _load(
+    server: AcmeServer,
+    label: str,
+    clients: int,
+    certificates: int,
+    poll: float,
+    warmup: int,
+    responder: ChallengeResponder,
+) -> LoadResult:
+    context = ssl.create_default_context(cafile=str(server.tls_trust))
+    pool = [AsyncAcmeClient(server.directory_url, context, responder, poll) for _ in range(clients)]
+    try:
+        for client in pool:
+            await client.open()
+            await client.register()
+        if warmup:
+            await _drive(pool, label, warmup)
+            for client in pool:
+                client.phases = dict.fromkeys(PHASES, 0.0)
+                client.slept = 0.0
+        group = server.process_group
+        before = process_group_cpu(group) if group else {}
+        result = await _drive(pool, label, certificates)
+        after = process_group_cpu(group) if group else {}
+        result.server_cpu = sum(cpu - before.get(pid, 0.0) for pid, cpu in after.items())
+        return result
+    finally:
+        await asyncio.gather(*(client.close() for client in pool))
+
+
+async def _drive(pool: list[AsyncAcmeClient], label: str, certificates: int) -> LoadResult:
     next_index = iter(range(certificates))
     latencies: list[float] = []
     failures: list[str] = []
     run_id = uuid.uuid4().hex[:8]
-    start = threading.Barrier(len(pool) + 1)
-    stalled = threading.Event()
+    stalled = False
 
-    def work(client: AcmeClient) -> None:
-        start.wait()
-        while not stalled.is_set():
-            with lock:
-                index = next(next_index, None)
-            if index is None:
-                return
+    async def work(client: AsyncAcmeClient) -> None:
+        nonlocal stalled
+        while not stalled and (index := next(next_index, None)) is not None:
             # A registered domain per certificate: no shared authorization, no per-domain limit.
             name = f"www.b{run_id}-{index}.test"
             began = time.perf_counter()
             try:
-                client.obtain(name)
+                await client.obtain(name)
             except Exception as error:  # counted and shown, never hidden
                 if isinstance(error, TimeoutError):
-                    stalled.set()
-                with lock:
-                    failures.append(f"{name}: {type(error).__name__}: {error}")
+                    stalled = True
+                failures.append(f"{name}: {type(error).__name__}: {error}")
                 continue
-            elapsed = time.perf_counter() - began
-            with lock:
-                latencies.append(elapsed)
+            latencies.append(time.perf_counter() - began)
 
-    threads = [threading.Thread(target=work, args=(c,), daemon=True) for c in pool]
-    for thread in threads:
-        thread.start()
-    start.wait()
     began = time.perf_counter()
-    for thread in threads:
-        thread.join()
+    await asyncio.gather(*(work(client) for client in pool))
     seconds = time.perf_counter() - began
     phases = {phase: sum(c.phases[phase] for c in pool) for phase in PHASES}
     slept = sum(c.slept for c in pool)
-    return LoadResult(
-        label, certificates, seconds, latencies, failures, slept, phases, stalled.is_set()
-    )
+    return LoadResult(label, certificates, seconds, latencies, failures, slept, phases, stalled)
 
 
 Rig = contextlib.AbstractContextManager[AcmeServer]
