@@ -451,17 +451,12 @@ class AsyncAcmeClient:
 
 class AcmeClient:
     """`AsyncAcmeClient` for callers with threads (the soak test, the tests): each call runs
-    to its end on the client's own event loop. One thread at a time."""
+    to its end on the client's own event loop. One thread at a time. Takes the arguments of
+    `AsyncAcmeClient`."""
 
-    def __init__(
-        self,
-        directory_url: str,
-        context: ssl.SSLContext,
-        responder: ChallengeResponder,
-        poll: float,
-    ) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._loop = uvloop.new_event_loop()
-        self.client = AsyncAcmeClient(directory_url, context, responder, poll)
+        self.client = AsyncAcmeClient(*args, **kwargs)
         self._loop.run_until_complete(self.client.open())
 
     @property
