@@ -505,6 +505,7 @@ class LoadResult:
     phases: dict[str, float]  # seconds per step, summed over every client
     stalled: bool = False  # a request went unanswered for REQUEST_TIMEOUT: the run was cut short
     server_cpu: float = 0.0  # CPU seconds the server's processes used during the run
+    client_cpu: float = 0.0  # CPU seconds this load generator used meanwhile (same cores)
 
     def summary(self) -> str:
         ok = len(self.latencies)
@@ -519,7 +520,9 @@ class LoadResult:
             f"  p99 {p99 * 1000:7.0f} ms  ({ok}/{self.certificates} in {self.seconds:.1f} s,"
             f" {len(self.failures)} failed, {self.slept:.1f} s client-side waits)"
             f"\n    server CPU {self.server_cpu * 1000 / max(1, ok):.1f} ms per certificate"
-            f" ({self.server_cpu / self.seconds if self.seconds else 0:.2f} cores)"
+            f" ({self.server_cpu / self.seconds if self.seconds else 0:.2f} cores);"
+            f" load generator CPU {self.client_cpu * 1000 / max(1, ok):.1f} ms"
+            f" ({self.client_cpu / self.seconds if self.seconds else 0:.2f} cores)"
             + (
                 f"\n    STALLED: a request went unanswered for {REQUEST_TIMEOUT:.0f} s; cut short"
                 if self.stalled
@@ -592,7 +595,9 @@ async def _load(
                 client.slept = 0.0
         group = server.process_group
         before = process_group_cpu(group) if group else {}
+        generator = time.process_time()  # every thread: the clients' loop and the responder
         result = await _drive(pool, label, certificates)
+        result.client_cpu = time.process_time() - generator
         after = process_group_cpu(group) if group else {}
         result.server_cpu = sum(cpu - before.get(pid, 0.0) for pid, cpu in after.items())
         return result
