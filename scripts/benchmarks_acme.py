@@ -683,15 +683,18 @@ def bench_acme(
                 ratio = ours.rate / theirs.rate
                 print(f"  certwright / pebble: {ratio:.2f}x{_caveat(ours, theirs)}")
     if rounds > 1:
-        ratios = [ours.rate / theirs.rate for ours, theirs in pairs if theirs.rate]
-        failed = any(ours.failures or theirs.failures for ours, theirs in pairs)
+        # A round where either server failed requests (Pebble stalling, say) measured no rate
+        # of its: the medians leave it out, and say so.
+        kept = [(o, t) for o, t in pairs if t.rate and not (o.failures or t.failures)]
+        ratios = [ours.rate / theirs.rate for ours, theirs in kept]
+        left_out = len(pairs) - len(kept)
         print(
-            f" over {rounds} rounds: certwright median"
-            f" {statistics.median(o.rate for o, _ in pairs):.1f}/s, pebble median"
-            f" {statistics.median(t.rate for _, t in pairs):.1f}/s; ratio median"
+            f" over {len(kept)} of {rounds} rounds: certwright median"
+            f" {statistics.median(o.rate for o, _ in kept) if kept else 0:.1f}/s, pebble median"
+            f" {statistics.median(t.rate for _, t in kept) if kept else 0:.1f}/s; ratio median"
             f" {statistics.median(ratios) if ratios else 0:.2f}x"
             f" (lowest {min(ratios, default=0):.2f}x, highest {max(ratios, default=0):.2f}x)"
-            + ("  (not comparable: a run had failures)" if failed else "")
+            + (f"; {left_out} round(s) with failures left out" if left_out else "")
         )
 
 
