@@ -203,7 +203,8 @@ class _Connection:
         self._writer: asyncio.StreamWriter | None = None
 
     def close(self) -> None:
-        """Drop the connection now (no TLS close_notify): after a failure, or before reuse."""
+        """Drop the connection now (no TLS close_notify): after a failure, or when the reply
+        was the last the server sends on it; the next request opens another."""
         if self._writer is not None:
             self._writer.transport.abort()
         self._reader = self._writer = None
