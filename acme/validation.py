@@ -644,12 +644,13 @@ def _redirect_target(
     return _HTTPTarget(host, address, cfg.http01_port, path, netloc, url)
 
 
-def _read_capped_body(
-    response: http.client.HTTPResponse, sock: socket.socket, deadline: Deadline, url: str
-) -> bytes:
+def _read_capped_body(response: http.client.HTTPResponse, deadline: Deadline, url: str) -> bytes:
     body = bytearray()
     while len(body) <= MAX_HTTP01_BODY:
-        sock.settimeout(deadline.remaining("connection", f"reading the response from {url}"))
+        # Each read waits at most what is left (_DeadlineSocket); none starts once it is spent.
+        # No `sock.settimeout()` here: from Python 3.13 on, `read1()` closes the socket as soon
+        # as the Content-Length is read, and a call on it then fails with EBADF.
+        deadline.remaining("connection", f"reading the response from {url}")
         chunk = response.read1(MAX_HTTP01_BODY + 1 - len(body))
         if not chunk:
             return bytes(body)
@@ -688,7 +689,7 @@ def _exchange(
                     "unauthorized",
                     f"Invalid response from {target.url} [{used}]: HTTP {response.status}",
                 )
-            return _read_capped_body(response, sock, deadline, target.url)
+            return _read_capped_body(response, deadline, target.url)
     finally:
         conn.close()
 
