@@ -24,8 +24,10 @@ import dataclasses
 import hashlib
 import json
 import os
+import platform
 import ssl
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -652,6 +654,11 @@ def bench_acme(
         f"acme benchmark: {clients} concurrent clients, {certificates} certificates per server"
         f" after {warmup} off the clock, one name each, http-01 validated for real, chains checked"
         + (f"; {rounds} alternating rounds" if rounds > 1 else "")
+    )
+    # certwright's figures depend on the interpreter's build (docs/operations.md §1).
+    print(
+        f"  certwright and the load generator on Python {platform.python_version()}"
+        f" from {sys.base_prefix}"
     )
     pairs: list[tuple[LoadResult, LoadResult]] = []
     with (
