@@ -755,6 +755,6 @@ def _client_counts(text: str) -> list[int]:
         counts = [int(part) for part in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a list of client counts: {text!r}") from None
-    if not counts or min(counts) < 1:
+    if min(counts) < 1:
         raise argparse.ArgumentTypeError(f"client counts must be 1 or more: {text!r}")
     return counts

@@ -374,6 +374,29 @@ def test_http01_valid_for_dns_name(
     assert record.to_json()["addressUsed"] == "127.0.0.1"
 
 
+def test_http01_body_read_when_the_response_closes_its_socket_at_content_length(
+    http_server: ChallengeHTTPServer, cfg: ValidationConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From Python 3.13 on, `HTTPResponse.read1()` closes the connection's socket as soon as
+    the Content-Length is read; every http-01 validation then failed with EBADF. The same
+    behaviour, on whichever Python runs the tests, must still validate."""
+    stock_read1 = http.client.HTTPResponse.read1
+
+    def read1_closing_at_length(self: http.client.HTTPResponse, n: int = -1) -> bytes:
+        result = stock_read1(self, n)
+        if self.length == 0 and self.fp is not None:
+            self._close_conn()  # type: ignore[attr-defined]  # what 3.13's read1 does
+        return result
+
+    monkeypatch.setattr(http.client.HTTPResponse, "read1", read1_closing_at_length)
+    token = new_token()
+    http_server.replies[challenge_path(token)] = Reply(body=key_authorization_for(token).encode())
+
+    (record,) = validate_http01("ip", "127.0.0.1", token, key_authorization_for(token), cfg)
+
+    assert record.address_used == LOOPBACK_V4
+
+
 def test_http01_valid_for_ip_identifier(
     http_server: ChallengeHTTPServer, cfg: ValidationConfig
 ) -> None:
