@@ -10,7 +10,8 @@ http-01 port. Accounts are made before the clock starts. The same load runs agai
 `certwright serve` and against Pebble (PEBBLE_VA_NOSLEEP=1) in the same run, on the same machine.
 
 Clients honour Retry-After and otherwise poll every --poll seconds. Each downloaded chain is
-checked (names, leaf signed by the first intermediate); a wrong one counts as a failure. The
+checked (names, leaf signed by the first intermediate); a wrong one counts as a failure. Last,
+each server's "stack floor": its CPU per request on a route that does no work, under wrk. The
 figures are printed; nothing about time is asserted.
 """
 
@@ -25,6 +26,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import ssl
 import statistics
 import sys
@@ -44,6 +46,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
+from scripts.benchmarks_revocation import wrk_rate
 from tests.integration.acme_harness import (
     LOOPBACK,
     AcmeServer,
@@ -709,6 +712,41 @@ def bench_acme(
         )
 
 
+def stack_floor(workers: int, seconds: int, connections: int = 32) -> None:
+    """Each server's HTTPS stack alone: its CPU per request on its directory, a route that does
+    no work (no JWS, no storage, no signing), under wrk with keep-alive. One certificate's cycle
+    takes five requests, so five of these are what a certificate costs a server before any of
+    its own work: for certwright the least gunicorn, TLS and Flask spend on it."""
+    if shutil.which("wrk") is None:
+        print("  stack floor skipped: wrk missing (apt-get install wrk)")
+        return
+    with (
+        tempfile.TemporaryDirectory(prefix="certwright-bench-floor-") as tmp,
+        challtestsrv(Path(tmp) / "dns") as dns,
+    ):
+        rigs: tuple[tuple[str, Rig], ...] = (
+            (
+                f"certwright ({workers} workers)",
+                certwright_server(Path(tmp) / "certwright", dns, workers=workers),
+            ),
+            ("pebble", pebble_server(Path(tmp) / "pebble", dns)),
+        )
+        for label, rig in rigs:
+            with rig as server:
+                url, group = server.directory_url, server.process_group
+                assert group is not None  # both run as the leader of their process group
+                wrk_rate(url, None, min(2, seconds), connections)  # warm-up, off the clock
+                before = sum(process_group_cpu(group).values())
+                rate = wrk_rate(url, None, seconds, connections)
+                used = sum(process_group_cpu(group).values()) - before
+            per_request = used * 1000 / max(1.0, rate * seconds)
+            print(
+                f"  stack floor, {label}: GET directory under wrk -c{connections}: {rate:.0f}"
+                f" requests/s, {per_request:.3f} ms CPU per request; x{len(PHASES)} requests per"
+                f" certificate = {per_request * len(PHASES):.2f} ms before any ACME work"
+            )
+
+
 def _caveat(ours: LoadResult, theirs: LoadResult) -> str:
     return "  (not comparable: a run had failures)" if ours.failures or theirs.failures else ""
 
@@ -743,11 +781,13 @@ def dispatch(args: argparse.Namespace) -> None:
     if args.bench == "acme":
         if args.smoke or args.acme_smoke:
             bench_acme(2, 6, args.workers, args.poll, 2)
+            stack_floor(args.workers, 1)
         else:
             # Pebble's rate grows with the clients until its CPU is spent; certwright's stops
             # growing sooner: the ratio depends on the client count, so it can be swept.
             for clients in args.clients:
                 bench_acme(clients, args.certs, args.workers, args.poll, args.warmup, args.rounds)
+            stack_floor(args.workers, 10)
 
 
 def _client_counts(text: str) -> list[int]:

@@ -164,9 +164,12 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _wrk(url: str, script: Path, seconds: int, connections: int) -> float:
+def wrk_rate(url: str, script: Path | None, seconds: int, connections: int) -> float:
+    """Requests/s that wrk (two threads, keep-alive) reached; non-2xx answers are printed."""
     result = subprocess.run(
-        ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "-s", str(script), url],
+        ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s"]
+        + (["-s", str(script)] if script else [])
+        + [url],
         capture_output=True,
         text=True,
         check=False,
@@ -303,7 +306,7 @@ def bench_ocsp(certificates: int, seconds: int, connections: int) -> None:
             # Untimed warm-up: each worker's first request for a certificate parses it and
             # reads its response through the storage layer; steady state is what is measured.
             for name in ("get", "post"):
-                _wrk(base, scripts[name], min(2, seconds), connections)
+                wrk_rate(base, scripts[name], min(2, seconds), connections)
             print(
                 f"OCSP benchmark: {certificates} pre-signed responses, wrk -t2 -c{connections} "
                 f"-d{seconds}s after a 2 s warm-up, certwright serve's HTTP listener with 2 "
@@ -315,7 +318,7 @@ def bench_ocsp(certificates: int, seconds: int, connections: int) -> None:
                 ("post", "pre-signed POST"),
                 ("nonce", "cache-miss signing (nonce)"),
             ):
-                rates[name] = _wrk(base, scripts[name], seconds, connections)
+                rates[name] = wrk_rate(base, scripts[name], seconds, connections)
                 print(f"  certwright {what:28} {rates[name]:10.0f} responses/s")
         finally:
             os.killpg(server.pid, signal.SIGTERM)
@@ -347,7 +350,7 @@ def bench_ocsp(certificates: int, seconds: int, connections: int) -> None:
         )
         try:
             _wait_for(f"http://127.0.0.1:{port}{nginx_paths.read_text().splitlines()[0]}")
-            rates["nginx"] = _wrk(
+            rates["nginx"] = wrk_rate(
                 f"http://127.0.0.1:{port}", scripts["nginx-get"], seconds, connections
             )
             print(f"  nginx      {'published files, GET':28} {rates['nginx']:10.0f} responses/s")
