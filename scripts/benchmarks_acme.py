@@ -11,7 +11,7 @@ http-01 port. Accounts are made before the clock starts. The same load runs agai
 
 Clients honour Retry-After and otherwise poll every --poll seconds. Each downloaded chain is
 checked (names, leaf signed by the first intermediate); a wrong one counts as a failure. Last,
-each server's "stack floor": its CPU per request on a route that does no work, under wrk. The
+each server's "stack floor": its CPU per request on its directory, under wrk. The
 figures are printed; nothing about time is asserted.
 """
 
@@ -714,9 +714,10 @@ def bench_acme(
 
 def stack_floor(workers: int, seconds: int, connections: int = 32) -> None:
     """Each server's HTTPS stack alone: its CPU per request on its directory, a route that does
-    no work (no JWS, no storage, no signing), under wrk with keep-alive. One certificate's cycle
-    takes five requests, so five of these are what a certificate costs a server before any of
-    its own work: for certwright the least gunicorn, TLS and Flask spend on it."""
+    next to no work (a small JSON document; no JWS, storage or signing), under wrk with
+    keep-alive. One certificate's cycle takes five requests, so five of these are about what a
+    certificate costs a server before any of its own work: for certwright, gunicorn, TLS and
+    Flask (py-spy on a worker: building the directory itself is a fifth of it)."""
     if shutil.which("wrk") is None:
         print("  stack floor skipped: wrk missing (apt-get install wrk)")
         return
