@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
-from sqlalchemy import text
+from sqlalchemy import DateTime, bindparam, text
 
 from ca.issuance import CertificateAuthority, Identifier, IssuanceRequest
 from ca.storage import CertificateFilter, Storage, audit
@@ -242,25 +242,29 @@ def test_the_migration_chains_records_made_before_the_chain(db_url: str) -> None
     storage = Storage(db_url)
     cfg = AlembicConfig()
     cfg.set_main_option("script_location", str(MIGRATIONS))
-    with storage.engine.begin() as connection:
-        cfg.attributes["connection"] = connection
-        command.upgrade(cfg, "0004")
-    with storage.engine.begin() as connection:
-        for i in range(5):
-            connection.execute(
-                text(
-                    "INSERT INTO audit_events (time, actor, action, subject, outcome, detail) "
-                    "VALUES (:t, 'old', 'admin.note', :s, 'success', '{}')"
-                ),
-                {"t": datetime.datetime(2026, 1, 1, 0, 0, i, 123456), "s": f"n{i}"},
-            )
-    storage.migrate()
-    verdict = _verify(storage)
-    assert verdict.ok, verdict.problem
-    assert verdict.records == 5
-    storage.audit("tests", "admin.note", "after", "success", {})
-    assert _verify(storage).records == 6
-    storage.dispose()
+    # The time goes through SQLAlchemy's DateTime, as the ORM writes it: the sqlite3 module's
+    # own datetime adapter is deprecated from Python 3.12 on.
+    insert = text(
+        "INSERT INTO audit_events (time, actor, action, subject, outcome, detail) "
+        "VALUES (:t, 'old', 'admin.note', :s, 'success', '{}')"
+    ).bindparams(bindparam("t", type_=DateTime()))
+    try:
+        with storage.engine.begin() as connection:
+            cfg.attributes["connection"] = connection
+            command.upgrade(cfg, "0004")
+        with storage.engine.begin() as connection:
+            for i in range(5):
+                connection.execute(
+                    insert, {"t": datetime.datetime(2026, 1, 1, 0, 0, i, 123456), "s": f"n{i}"}
+                )
+        storage.migrate()
+        verdict = _verify(storage)
+        assert verdict.ok, verdict.problem
+        assert verdict.records == 5
+        storage.audit("tests", "admin.note", "after", "success", {})
+        assert _verify(storage).records == 6
+    finally:
+        storage.dispose()
 
 
 def test_a_configuration_or_profile_change_is_recorded_once(tmp_path: Path) -> None:
