@@ -3,6 +3,7 @@ truncation of the records is found by `verify` (in the core and through the CLI)
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import sqlite3
@@ -222,7 +223,8 @@ def test_cli_verify_export_and_tamper(demo: dict[str, str], tmp_path: Path) -> N
     bad_anchor = run_cli("audit-log", "verify", "--anchor", "nonsense", env=demo)
     assert bad_anchor.returncode != 0 and "Traceback" not in bad_anchor.stderr
 
-    with sqlite3.connect(_database(demo)) as db:
+    # sqlite3's own context manager commits but does not close (Python 3.13 warns of that).
+    with contextlib.closing(sqlite3.connect(_database(demo))) as db, db:
         db.execute("UPDATE audit_events SET subject = 'serial:00' WHERE seq = 1")
     broken = run_cli("audit-log", "verify", env=demo)
     assert broken.returncode == 4
