@@ -72,8 +72,10 @@ class HttpsTransport:
         try:
             headers = {"Content-Type": content_type} if content_type else {}
             connection.request(method, parts.path, body=body, headers=headers)
-            response = connection.getresponse()
-            return _Response(response.status, response.headers, response.read())
+            # The response is closed too: when the server dies mid-body, its file holds the
+            # socket's last reference, which connection.close() alone leaves open.
+            with connection.getresponse() as response:
+                return _Response(response.status, response.headers, response.read())
         finally:
             connection.close()
 

@@ -36,9 +36,9 @@ def _get(port: int, path: str, context: ssl.SSLContext | None = None) -> int:
     )
     try:
         connection.request("GET", path)
-        response = connection.getresponse()
-        response.read()
-        return response.status
+        with connection.getresponse() as response:
+            response.read()
+            return response.status
     finally:
         connection.close()
 
