@@ -700,7 +700,7 @@ def eab_create(
                 "key_id": key.key_id,
                 "hmac_key": hmac_b64,
                 "owner": owner,
-                "allowed_names": list(allowed),
+                "allowed_names": list(key.allowed_names),
             }
         )
     else:

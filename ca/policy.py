@@ -226,6 +226,28 @@ def normalize_dns_name(name: str) -> str:
     return value
 
 
+def normalize_name_restriction(entry: str) -> str:
+    """One entry of a name restriction (an EAB key's `--allow`), in its canonical form: an IP
+    network ("10.0.0.0/8"; an address alone is its /32 or /128) or a DNS suffix covering itself
+    and its subdomains ("example.test", or one label such as "internal")."""
+    value = entry.strip()
+    try:
+        return str(ipaddress.ip_network(value, strict=True))
+    except ValueError as exc:
+        if "/" in value or ":" in value:  # meant as a network: say what is wrong with it
+            raise refuse("names.syntax", f"{entry!r} is not an IP network: {exc}") from None
+    suffix = value.strip(".").lower()
+    if suffix.startswith("*."):
+        raise refuse(
+            "names.syntax", f"{entry!r}: a DNS suffix already covers its subdomains; drop the '*.'"
+        )
+    if "." in suffix:
+        return normalize_dns_name(suffix)
+    if suffix.isascii() and _LABEL.match(suffix) and not suffix.isdigit():
+        return suffix
+    raise refuse("names.syntax", f"{entry!r} is neither a DNS suffix nor an IP network")
+
+
 def _under(name: str, suffix: str) -> bool:
     return name == suffix or name.endswith("." + suffix) or suffix == ""
 

@@ -22,6 +22,7 @@ from typing import Any
 from sqlalchemy import Connection, and_, bindparam, delete, func, insert, select, update
 
 from ca.errors import CAError, Kind
+from ca.policy import normalize_name_restriction
 from ca.storage.models import (
     AcmeAccount,
     AcmeAuthorization,
@@ -468,10 +469,13 @@ class AcmeStore:
     # -- EAB (§7.3.4) -----------------------------------------------------------------------
 
     def create_eab_key(self, owner: str | None, allowed_names: Sequence[str], actor: str) -> EabKey:
+        """A new key; `allowed_names` (DNS suffixes, IP networks) restrict what its account may
+        request, and are refused here, before anything is stored, unless well formed."""
+        allowed_names = tuple(dict.fromkeys(map(normalize_name_restriction, allowed_names)))
         key = EabKey(
             key_id=f"kid-{secrets.token_urlsafe(12)}",
             hmac_key=secrets.token_bytes(32),
-            allowed_names=tuple(allowed_names),
+            allowed_names=allowed_names,
             owner=owner,
             account_id=None,
         )

@@ -597,6 +597,44 @@ def test_external_account_binding_when_required(
 
 
 @sqlite_only
+def test_a_binding_restricts_the_names_its_account_may_order(
+    storage: Storage,
+    pki: SessionPKI,
+    tmp_path: Path,
+    dns: ChallTestSrv,
+    responder: ChallengeResponder,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """§7.3.4 leaves what a binding grants to the CA: here, a DNS suffix and an IP network
+    (`certwright eab create --allow`). Names the profile allows but the binding does not are
+    refused like names outside the profile: rejectedIdentifier, one subproblem each."""
+    monkeypatch.setenv("CERTWRIGHT_HSM_PIN", ONLINE_PIN)
+    eab = AcmeStore(storage).create_eab_key("web", ["Web.TEST.", "10.1.0.0/16"], "tests")
+    assert eab.allowed_names == ("web.test", "10.1.0.0/16")  # stored canonical
+    with running_server(storage, tmp_path, dns, responder, external_account_required=True) as srv:
+        client = srv.client()
+        binding = eab_binding(eab.key_id, eab.hmac_key, client.key.jwk, client.url("newAccount"))
+        response = client.new_account({"externalAccountBinding": binding})
+        assert response.status_code == 201, response.get_data(as_text=True)
+
+        inside = dns_ids("web.test", "a.web.test", "*.web.test") + ip_ids("10.1.2.3")
+        response = client.new_order(inside)
+        assert response.status_code == 201, response.get_data(as_text=True)
+
+        # All inside the profile (*.test, 10.0.0.0/8); three outside the binding. "aweb.test"
+        # ends with the suffix's characters but is not under it.
+        outside = dns_ids("a.web.test", "db.test", "aweb.test") + ip_ids("10.2.0.1")
+        with unchanged(storage):
+            body = assert_problem(client.new_order(outside), "rejectedIdentifier", 400)
+        refused = {(s["identifier"]["type"], s["identifier"]["value"]) for s in body["subproblems"]}
+        assert refused == {("dns", "db.test"), ("dns", "aweb.test"), ("ip", "10.2.0.1")}
+
+        with unchanged(storage):
+            body = assert_problem(client.new_order(dns_ids("*.db.test")), "rejectedIdentifier", 400)
+        assert "outside this account's binding" in body["detail"], body
+
+
+@sqlite_only
 def test_unknown_profile_is_invalid_profile(server: Server) -> None:
     client = server.account()
     with unchanged(server.storage):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import stat
 import subprocess
@@ -246,6 +247,36 @@ def test_other_bad_inputs_are_one_line(demo: dict[str, str], tmp_path: Path) -> 
     )
     usage = run_cli("issue", env=demo)
     assert usage.returncode == 2 and "Traceback" not in usage.stderr
+
+
+def test_eab_create_prints_a_key_id_and_hmac_key(demo: dict[str, str]) -> None:
+    """`certwright eab create` (RFC 8555 §7.3.4): what an ACME client's --eab-kid and
+    --eab-hmac-key take; --allow entries are kept canonical, and a malformed one is refused
+    before anything is stored."""
+    plain = _ok("eab", "create", "--owner", "web", env=demo).splitlines()
+    assert [line.split(":")[0] for line in plain] == ["key id", "hmac key"], plain
+    key = json.loads(
+        _ok(
+            "eab",
+            "create",
+            "--allow",
+            "Web.Internal.",
+            "--allow",
+            "10.1.0.0/16",
+            "--json",
+            env=demo,
+        )
+    )
+    assert key["key_id"].startswith("kid-") and key["key_id"] != plain[0].split()[-1]
+    assert len(base64.urlsafe_b64decode(key["hmac_key"] + "=")) == 32  # 256-bit HMAC key
+    assert key["allowed_names"] == ["web.internal", "10.1.0.0/16"]
+    created = json.loads(_ok("audit-log", "--json", "--limit", "1", env=demo))[0]
+    assert (created["action"], created["subject"]) == ("acme.eab.create", f"eab:{key['key_id']}")
+
+    for bad, says in (("10.1.0.1/16", "host bits set"), ("*.web.internal", "drop the '*.'")):
+        _refused("eab", "create", "--allow", "web.internal", "--allow", bad, env=demo, expect=says)
+    newest = json.loads(_ok("audit-log", "--json", "--limit", "1", env=demo))[0]
+    assert newest["seq"] == created["seq"]  # nothing stored for the refused ones
 
 
 def test_wrong_pin_and_missing_token(demo: dict[str, str], tmp_path: Path) -> None:

@@ -152,6 +152,43 @@ def test_identifiers_are_deduplicated_and_canonical() -> None:
     assert _rule(exc) == "names.empty"
 
 
+@pytest.mark.parametrize(
+    ("entry", "canonical"),
+    [
+        ("Example.TEST.", "example.test"),
+        ("internal", "internal"),  # one label: every name under it
+        ("10.0.0.0/8", "10.0.0.0/8"),
+        ("10.0.0.5", "10.0.0.5/32"),
+        ("fd00::/8", "fd00::/8"),
+        ("2001:db8::1", "2001:db8::1/128"),
+    ],
+)
+def test_name_restrictions_are_canonical(entry: str, canonical: str) -> None:
+    assert policy.normalize_name_restriction(entry) == canonical
+
+
+@pytest.mark.parametrize(
+    ("entry", "says"),
+    [
+        ("10.0.0.1/8", "host bits set"),
+        ("fe80::/zz", "is not an IP network"),
+        ("*.example.test", "drop the '*.'"),
+        ("bad..name.test", "not a valid DNS name"),
+        ("bücher.test", "not a valid DNS name"),
+        ("xn--zz.test", "invalid punycode"),
+        ("10.0.0.300", "looks like an IP address"),
+        ("10", "neither a DNS suffix nor an IP network"),
+        ("a b", "neither a DNS suffix nor an IP network"),
+        ("", "neither a DNS suffix nor an IP network"),
+    ],
+)
+def test_malformed_name_restrictions_are_refused(entry: str, says: str) -> None:
+    with pytest.raises(CAError) as exc:
+        policy.normalize_name_restriction(entry)
+    assert _rule(exc) == "names.syntax"
+    assert says in exc.value.detail
+
+
 def test_validity_above_maximum_is_refused() -> None:
     with pytest.raises(CAError) as exc:
         policy.check_validity(SERVER.max_validity + datetime.timedelta(days=1), SERVER)
