@@ -563,27 +563,73 @@ def ensure_server_certificate(config: Config, https_listen: str) -> bool:
         runtime.close()
 
 
-class _ReloadingContext:
-    """gunicorn's `ssl_context` hook: one SSLContext per worker, rebuilt when the certificate
-    file changes (gunicorn's default rebuilds it, reading the files, for every connection)."""
+TLS_RELOAD_CHECK_SECONDS = 1.0
 
-    def __init__(self, path: Path) -> None:
+
+class _ReloadingContext:
+    """gunicorn's `ssl_context` hook: the same SSLContext on every call (the sync worker calls
+    the hook per connection, the asgi worker once at start). Its `sni_callback`, which OpenSSL
+    runs on every handshake, SNI or not, looks at the file's (mtime, inode) at most every
+    `check_interval` seconds and moves the handshake to a context loaded from the new file;
+    a file that fails to load keeps the previous certificate."""
+
+    def __init__(self, path: Path, check_interval: float = TLS_RELOAD_CHECK_SECONDS) -> None:
         self._path = path
+        self._check_interval = check_interval
+        self._lock = threading.Lock()
+        self._base: ssl.SSLContext | None = None
+        self._current: ssl.SSLContext | None = None
         self._stamp: tuple[int, int] | None = None
-        self._context: ssl.SSLContext | None = None
+        self._checked = 0.0
 
     def __call__(self, conf: Any, default_factory: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
+        with self._lock:
+            if self._base is None:
+                # No previous certificate to fall back on: a failure here is an error.
+                stamp = self._file_stamp()
+                base = self._load()
+                base.sni_callback = self._on_handshake
+                self._base = self._current = base
+                self._stamp, self._checked = stamp, time.monotonic()
+            return self._base
+
+    def _file_stamp(self) -> tuple[int, int] | None:
         try:
             stat = self._path.stat()
-            stamp = (stat.st_mtime_ns, stat.st_ino)
         except OSError:
-            stamp = None
-        if self._context is None or (stamp is not None and stamp != self._stamp):
-            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            context.minimum_version = ssl.TLSVersion.TLSv1_2
-            context.load_cert_chain(certfile=str(self._path))
-            self._context, self._stamp = context, stamp
-        return self._context
+            return None
+        return (stat.st_mtime_ns, stat.st_ino)
+
+    def _load(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(certfile=str(self._path))
+        return context
+
+    def _newest(self) -> ssl.SSLContext | None:
+        with self._lock:
+            now = time.monotonic()
+            if now - self._checked >= self._check_interval:
+                self._checked = now
+                stamp = self._file_stamp()
+                if stamp is not None and stamp != self._stamp:
+                    # Remember the stamp even on failure: one warning per file, not per check.
+                    self._stamp = stamp
+                    try:
+                        self._current = self._load()
+                    except (OSError, ssl.SSLError, ValueError) as exc:
+                        log.warning("keeping the previous TLS certificate: %s: %s", self._path, exc)
+            return self._current
+
+    def _on_handshake(
+        self, connection: ssl.SSLSocket | ssl.SSLObject, server_name: str | None, _: ssl.SSLContext
+    ) -> None:
+        try:
+            newest = self._newest()
+            if newest is not None and newest is not connection.context:
+                connection.context = newest
+        except Exception:  # an exception here would fail the handshake
+            log.warning("TLS certificate reload failed", exc_info=True)
 
 
 # -- jobs ----------------------------------------------------------------------------------
