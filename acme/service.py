@@ -18,7 +18,7 @@ import ipaddress
 import logging
 import ssl
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from cryptography import x509
@@ -373,16 +373,10 @@ class AcmeService:
             "new orders for this account per hour",
             3600,
         )
-        for domain in {registered_domain(i.value) for i in checked if i.type == "dns"}:
-            self._rate_limit(
-                lambda domain=domain: self.store.count_certificates_for_domain_since(  # type: ignore[misc]
-                    domain, now - datetime.timedelta(days=7)
-                ),
-                self.settings.certificates_per_domain_per_week,
-                f"certificates for {domain} per week",
-                3600,
-            )
+        self._limit_certificates_per_domain(checked, now)
         reused: list[str] = []
+        # §7.1.3: an order cannot outlive its authorizations (a reused one may expire first).
+        expires = now + self.settings.order_lifetime
         new: list[NewAuthorization] = []
         for identifier in checked:
             wildcard = identifier.value.startswith("*.")
@@ -395,7 +389,8 @@ class AcmeService:
                 now - self.settings.authorization_reuse,
             )
             if existing is not None:
-                reused.append(existing)
+                reused.append(existing[0])
+                expires = min(expires, existing[1])
                 continue
             if wildcard:
                 types: tuple[str, ...] = ("dns-01",)  # §7.1.3: wildcards only by dns-01
@@ -404,6 +399,9 @@ class AcmeService:
             else:
                 types = ("http-01", "dns-01", "tls-alpn-01")
             new.append(NewAuthorization(identifier.type, value, wildcard, types))
+        authz_expires = now + self.settings.authorization_lifetime
+        if new:
+            expires = min(expires, authz_expires)
         try:
             return self.store.create_order(
                 account_id=account.id,
@@ -411,8 +409,8 @@ class AcmeService:
                 reused=reused,
                 new=new,
                 profile=profile_name,
-                expires=now + self.settings.order_lifetime,
-                authz_expires=now + self.settings.authorization_lifetime,
+                expires=expires,
+                authz_expires=authz_expires,
                 not_before=None,
                 not_after=None,
                 replaces=replaces,
@@ -424,6 +422,21 @@ class AcmeService:
                     "another order already replaces that certificate"
                 ) from None
             raise
+
+    def _limit_certificates_per_domain(
+        self, identifiers: Iterable[Identifier], now: datetime.datetime
+    ) -> None:
+        """At newOrder, and again at finalize: orders opened before the limit was reached
+        must not take it past."""
+        for domain in {registered_domain(i.value) for i in identifiers if i.type == "dns"}:
+            self._rate_limit(
+                lambda domain=domain: self.store.count_certificates_for_domain_since(  # type: ignore[misc]
+                    domain, now - datetime.timedelta(days=7)
+                ),
+                self.settings.certificates_per_domain_per_week,
+                f"certificates for {domain} per week",
+                3600,
+            )
 
     def _check_replaces(
         self, account: Account, replaces: Any, identifiers: Sequence[Identifier]
@@ -620,8 +633,13 @@ class AcmeService:
     ) -> tuple[Challenge, Authorization] | None:
         now = self.clock.now()
         valid = error is None
+        # A valid authorization lives as long as it may be reused (§7.1.4), at least as long
+        # as a pending one.
+        valid_until = now + max(
+            self.settings.authorization_reuse, self.settings.authorization_lifetime
+        )
         if not self.store.finish_challenge(
-            challenge.id, valid=valid, error=error, record=record, now=now
+            challenge.id, valid=valid, error=error, record=record, now=now, valid_until=valid_until
         ):
             return None
         # What the database now holds, without reading it back (§7.1.6: a challenge's outcome
@@ -636,7 +654,12 @@ class AcmeService:
             validation_record=record,
         )
         if authz.status == "pending":
-            authz = dataclasses.replace(authz, status=status, validated_at=validated_at)
+            authz = dataclasses.replace(
+                authz,
+                status=status,
+                validated_at=validated_at,
+                expires=valid_until if valid else authz.expires,
+            )
         challenges = tuple(done if c.id == done.id else c for c in authz.challenges)
         return done, dataclasses.replace(authz, challenges=challenges)
 
@@ -724,8 +747,17 @@ class AcmeService:
                     403,
                     identifier={"type": "dns", "value": validation.identifier_value},
                 ) from None
+        self._limit_certificates_per_domain(ordered, self.clock.now())
         if not self.store.begin_finalize(order.id):
-            return self.order_for(account, order_id)
+            current = self.order_for(account, order_id)
+            if current.status in ("processing", "valid"):
+                return current  # another finalize took it
+            if current.status != "ready":
+                raise problems.order_not_ready(f"order is {current.status}, not ready")
+            # Still ready, so an authorization was deactivated or expired meanwhile (§7.1.6).
+            problem = problems.order_not_ready("an authorization of this order is no longer valid")
+            self.store.invalidate_order(order.id, problem.to_json())
+            raise problem
         replaces = None
         if order.replaces:
             replaces = parse_ari_cert_id(order.replaces)[1]

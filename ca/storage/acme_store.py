@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Connection, and_, bindparam, delete, func, insert, select, update
+from sqlalchemy import Connection, and_, bindparam, delete, func, insert, or_, select, update
 
 from ca.errors import CAError, Kind
 from ca.policy import normalize_name_restriction
@@ -168,7 +168,7 @@ _ORDER_VALIDATIONS = Prepared(
     .order_by(AcmeAuthorization.id)
 )
 _REUSABLE_AUTHZ = Prepared(
-    select(AcmeAuthorization.id)
+    select(AcmeAuthorization.id, AcmeAuthorization.expires)
     .where(
         AcmeAuthorization.account_id == bindparam("b_account"),
         AcmeAuthorization.identifier_type == bindparam("b_type"),
@@ -208,7 +208,14 @@ _FINISH_CHALLENGE = Prepared(
 _SETTLE_AUTHZ = Prepared(
     update(AcmeAuthorization)
     .where(AcmeAuthorization.id == bindparam("b_id"), AcmeAuthorization.status == "pending")
-    .values(status=bindparam("b_status"), validated_at=bindparam("b_validated"))
+    .values(
+        status=bindparam("b_status"),
+        validated_at=bindparam("b_validated"),
+        expires=bindparam("b_expires"),
+    )
+)
+_AUTHZ_EXPIRES = Prepared(
+    select(AcmeAuthorization.expires).where(AcmeAuthorization.id == bindparam("b_id"))
 )
 _AUTHZ_ORDER_IDS = Prepared(
     select(AcmeOrderAuthorization.order_id).where(
@@ -225,12 +232,43 @@ _PENDING_ORDER_TO = Prepared(
     .where(AcmeOrder.id == bindparam("b_id"), AcmeOrder.status == "pending")
     .values(status=bindparam("b_status"), error=bindparam("b_error"))
 )
+# Pending or ready (Prepared takes no IN lists).
+_LIVE = or_(AcmeOrder.status == "pending", AcmeOrder.status == "ready")
+# §7.1.6: an authorization gone invalid (or deactivated, §7.5.2) takes a ready order with it.
+_LIVE_ORDER_TO_INVALID = Prepared(
+    update(AcmeOrder)
+    .where(AcmeOrder.id == bindparam("b_id"), _LIVE)
+    .values(status="invalid", error=bindparam("b_error"))
+)
+# Expired orders that still name `replaces` (expiry is worked out when an order is read), so
+# that they no longer hold RFC 9773's one-live-order-per-certificate index.
+_EXPIRED_REPLACING_TO_INVALID = Prepared(
+    update(AcmeOrder)
+    .where(
+        AcmeOrder.replaces == bindparam("b_replaces"),
+        _LIVE,
+        AcmeOrder.expires <= bindparam("b_now"),
+    )
+    .values(status="invalid")
+)
+# ready → processing only while every authorization of the order is valid and unexpired: one
+# deactivated or expired since the order became ready (or in a race with it) stops issuance.
 _BEGIN_FINALIZE = Prepared(
     update(AcmeOrder)
     .where(
         AcmeOrder.id == bindparam("b_id"),
         AcmeOrder.status == "ready",
         AcmeOrder.expires > bindparam("b_now"),
+        ~select(AcmeOrderAuthorization.authorization_id)
+        .join(AcmeAuthorization, AcmeAuthorization.id == AcmeOrderAuthorization.authorization_id)
+        .where(
+            AcmeOrderAuthorization.order_id == AcmeOrder.id,
+            or_(
+                AcmeAuthorization.status != "valid",
+                AcmeAuthorization.expires <= bindparam("b_now"),
+            ),
+        )
+        .exists(),
     )
     .values(status="processing", processing_since=bindparam("b_now"))
 )
@@ -522,9 +560,9 @@ class AcmeStore:
         value: str,
         wildcard: bool,
         validated_after: datetime.datetime,
-    ) -> str | None:
+    ) -> tuple[str, datetime.datetime] | None:
         """A valid, unexpired authorization of this account for this identifier (§7.1.4 allows
-        the server to reuse one), validated no earlier than `validated_after`."""
+        the server to reuse one), validated no earlier than `validated_after`: (id, expires)."""
         params = {
             "b_account": account_id,
             "b_type": identifier_type,
@@ -534,8 +572,8 @@ class AcmeStore:
             "b_validated_after": validated_after,
         }
         with self._read() as connection:
-            found = _REUSABLE_AUTHZ.run(connection, params).scalar()
-            return str(found) if found is not None else None
+            found = _REUSABLE_AUTHZ.run(connection, params).first()
+            return (str(found.id), found.expires) if found is not None else None
 
     def create_order(
         self,
@@ -603,6 +641,10 @@ class AcmeStore:
         # As `order()` lists them.
         authz_ids = tuple(sorted([*reused, *(row["id"] for row in authz_rows)]))
         with self.storage.write(durable=False) as connection:
+            if replaces is not None:
+                _EXPIRED_REPLACING_TO_INVALID.run(
+                    connection, {"b_replaces": replaces, "b_now": now}
+                )
             if authz_rows:
                 _INSERT_AUTHZ.run(connection, authz_rows)
                 _INSERT_CHALLENGE.run(connection, challenge_rows)
@@ -710,13 +752,15 @@ class AcmeStore:
         error: dict[str, Any] | None,
         record: list[dict[str, Any]],
         now: datetime.datetime,
+        valid_until: datetime.datetime | None = None,
     ) -> bool:
         """Record a validation's outcome and carry it to the authorization and its orders.
 
-        §7.1.6: a valid challenge makes its authorization valid; an invalid one makes it
-        invalid, and an order with an invalid authorization is invalid. An order whose every
-        authorization is valid becomes ready. False when the challenge was not processing
-        (another process finished it): nothing is recorded then.
+        §7.1.6: a valid challenge makes its authorization valid, until `valid_until` (its
+        expiry as a pending one, if not given); an invalid one makes it invalid, and an order
+        with an invalid authorization is invalid. An order whose every authorization is valid
+        becomes ready. False when the challenge was not processing (another process finished
+        it): nothing is recorded then.
         """
         with self.storage.write(durable=False) as connection:
             authz_id = _FINISH_CHALLENGE.run(
@@ -732,12 +776,15 @@ class AcmeStore:
             ).scalar()
             if authz_id is None:
                 return False  # someone else finished it
+            if valid_until is None or not valid:
+                valid_until = _AUTHZ_EXPIRES.run(connection, {"b_id": authz_id}).scalar()
             _SETTLE_AUTHZ.run(
                 connection,
                 {
                     "b_id": authz_id,
                     "b_status": "valid" if valid else "invalid",
                     "b_validated": now if valid else None,
+                    "b_expires": valid_until,
                 },
             )
             for order_id in list(_AUTHZ_ORDER_IDS.run(connection, {"b_id": authz_id}).scalars()):
@@ -749,13 +796,8 @@ class AcmeStore:
     ) -> None:
         statuses = list(_ORDER_AUTHZ_STATUSES.run(connection, {"b_id": order_id}).scalars())
         if any(s in ("invalid", "deactivated", "revoked", "expired") for s in statuses):
-            _PENDING_ORDER_TO.run(
-                connection,
-                {
-                    "b_id": order_id,
-                    "b_status": "invalid",
-                    "b_error": json.dumps(error) if error else None,
-                },
+            _LIVE_ORDER_TO_INVALID.run(
+                connection, {"b_id": order_id, "b_error": json.dumps(error) if error else None}
             )
         elif statuses and all(s == "valid" for s in statuses):
             _PENDING_ORDER_TO.run(
@@ -779,8 +821,14 @@ class AcmeStore:
                 self._settle_order(connection, order_id, None)
             return True
 
+    def invalidate_order(self, order_id: str, error: dict[str, Any]) -> None:
+        """pending or ready → invalid, with its error (§7.1.6)."""
+        with self.storage.write(durable=False) as connection:
+            _LIVE_ORDER_TO_INVALID.run(connection, {"b_id": order_id, "b_error": json.dumps(error)})
+
     def begin_finalize(self, order_id: str) -> bool:
-        """ready → processing, exactly once: of two finalize requests only one proceeds."""
+        """ready → processing, exactly once (of two finalize requests only one proceeds), and
+        only while every authorization of the order is still valid and unexpired."""
         with self.storage.write(durable=False) as connection:
             result = _BEGIN_FINALIZE.run(connection, {"b_id": order_id, "b_now": self.clock.now()})
             return rowcount(result) == 1
@@ -807,11 +855,19 @@ class AcmeStore:
             )
 
     def order_replacing(self, replaces: str) -> str | None:
-        """The order, not invalid, that already names this ARI certificate id (RFC 9773 §5)."""
+        """The live order (not invalid, not expired) that already names this ARI certificate
+        id (RFC 9773 §5)."""
         with self.storage.transaction() as session:
             return session.scalar(
                 select(AcmeOrder.id)
-                .where(AcmeOrder.replaces == replaces, AcmeOrder.status != "invalid")
+                .where(
+                    AcmeOrder.replaces == replaces,
+                    AcmeOrder.status != "invalid",
+                    or_(
+                        AcmeOrder.status.in_(("processing", "valid")),
+                        AcmeOrder.expires > self.clock.now(),
+                    ),
+                )
                 .limit(1)
             )
 

@@ -32,6 +32,7 @@ from flask.testing import FlaskClient
 from sqlalchemy import select
 from werkzeug.test import TestResponse
 
+from ca.clock import Clock, FakeClock
 from ca.config import load_config
 from ca.runtime import Runtime
 from ca.storage import Storage
@@ -148,6 +149,7 @@ def running_server(
     dns: ChallTestSrv,
     responder: ChallengeResponder,
     name: str = "certwright",
+    clock: Clock | None = None,
     **acme: Any,
 ) -> Iterator[Server]:
     """A real Runtime and the HTTPS app on the database `storage` already holds."""
@@ -174,7 +176,7 @@ def running_server(
         *(f"{key} = {json.dumps(value)}" for key, value in settings.items()),
     ]
     config.write_text("\n".join(lines) + "\n")
-    runtime = Runtime(load_config(config, environ={}))
+    runtime = Runtime(load_config(config, environ={}), clock=clock)
     try:
         app = create_app(runtime, "https")
         yield Server(runtime, app.test_client(), storage, responder)
@@ -557,6 +559,86 @@ def test_authorization_deactivation_invalidates_its_order(server: Server) -> Non
 
 
 @sqlite_only
+def test_deactivating_an_authorization_of_a_ready_order_stops_its_issuance(
+    server: Server,
+) -> None:
+    """§7.5.2 and §7.1.6: the order goes invalid with its authorization, and finalize is
+    refused, even though the order was ready when the authorization went."""
+    client = server.account()
+    order_url, order = ready_order(server, client, dns_ids("deact-ready.test"))
+    response = client.post(order["authorizations"][0], {"status": "deactivated"})
+    assert response.get_json()["status"] == "deactivated", response.get_json()
+    assert client.get(order_url).get_json()["status"] == "invalid"
+    with unchanged(server.storage):
+        assert_problem(finalize(client, order, ["deact-ready.test"])[1], "orderNotReady", 403)
+
+
+@sqlite_only
+def test_finalize_checks_the_authorizations_themselves(server: Server) -> None:
+    """An authorization that stops being valid without its order being told (a race with
+    finalize, a hand edit) still stops issuance; the order is then invalid."""
+    client = server.account()
+    order_url, order = ready_order(server, client, dns_ids("raced.test"))
+    authz_id = order["authorizations"][0].rsplit("/", 1)[-1]
+    with server.storage.transaction() as session:
+        session.get_one(AcmeAuthorization, authz_id).status = "deactivated"
+    certificates = snapshot(server.storage)["certificates"]
+    _, response = finalize(client, order, ["raced.test"])
+    assert_problem(response, "orderNotReady", 403)
+    assert client.get(order_url).get_json()["status"] == "invalid"
+    assert snapshot(server.storage)["certificates"] == certificates  # nothing reserved
+
+
+@sqlite_only
+def test_valid_authorizations_are_reused_and_orders_do_not_outlive_them(
+    storage: Storage,
+    pki: SessionPKI,
+    tmp_path: Path,
+    dns: ChallTestSrv,
+    responder: ChallengeResponder,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """§7.1.4: a valid authorization lives for the reuse window (authorization_reuse_hours),
+    and a new order for its name reuses it, ready at once; the order expires no later than
+    the authorization (§7.1.3), and then cannot be finalized."""
+    monkeypatch.setenv("CERTWRIGHT_HSM_PIN", ONLINE_PIN)
+    clock = FakeClock(datetime.datetime.now(datetime.UTC).replace(microsecond=0))
+    reuse = datetime.timedelta(hours=720)
+    with running_server(storage, tmp_path, dns, responder, clock=clock) as srv:
+        client = srv.account()
+        first = issue(srv, client, ["reused.test"])
+        authz_url = first.order["authorizations"][0]
+        authz = client.get(authz_url).get_json()
+        assert parse_time(authz["expires"]) == clock.now() + reuse
+
+        clock.advance(reuse - datetime.timedelta(hours=2))
+        response = client.new_order(dns_ids("reused.test"))
+        assert response.status_code == 201, response.get_data(as_text=True)
+        order = response.get_json()
+        assert (order["status"], order["authorizations"]) == ("ready", [authz_url])
+        assert parse_time(order["expires"]) == parse_time(authz["expires"])  # not now + 24 h
+
+        clock.advance(datetime.timedelta(hours=3))
+        assert client.get(authz_url).get_json()["status"] == "expired"
+        assert client.get(response.headers["Location"]).get_json()["status"] == "invalid"
+        with unchanged(storage):
+            assert_problem(finalize(client, order, ["reused.test"])[1], "orderNotReady", 403)
+        # And the name needs validating again.
+        fresh = client.new_order(dns_ids("reused.test")).get_json()
+        assert fresh["status"] == "pending" and fresh["authorizations"] != [authz_url]
+
+
+@sqlite_only
+def test_no_reuse_when_the_window_is_zero(storage: Storage, limited_server: LimitedServer) -> None:
+    with limited_server(authorization_reuse_hours=0) as srv:
+        client = srv.account()
+        first = issue(srv, client, ["not-reused.test"])
+        again = client.new_order(dns_ids("not-reused.test")).get_json()
+        assert again["status"] == "pending"
+        assert again["authorizations"] != first.order["authorizations"]
+
+
+@sqlite_only
 def test_external_account_binding_when_required(
     storage: Storage,
     tmp_path: Path,
@@ -656,6 +738,33 @@ def test_replacing_an_already_replaced_certificate_is_409_already_replaced(
         # MUST be refused with 409 alreadyReplaced.
         again = client.new_order(dns_ids("twice.test"), {"replaces": cert_id})
         assert_problem(again, "alreadyReplaced", 409)
+
+
+@sqlite_only
+def test_an_expired_order_no_longer_holds_its_replaces(
+    storage: Storage,
+    pki: SessionPKI,
+    tmp_path: Path,
+    dns: ChallTestSrv,
+    responder: ChallengeResponder,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """RFC 9773 §5 refuses a second live order replacing the same certificate; an order that
+    expired unfinished is invalid (§7.1.6) and no longer counts."""
+    monkeypatch.setenv("CERTWRIGHT_HSM_PIN", ONLINE_PIN)
+    clock = FakeClock(datetime.datetime.now(datetime.UTC).replace(microsecond=0))
+    with running_server(storage, tmp_path, dns, responder, clock=clock) as srv:
+        client = srv.account()
+        cert_id = ari_cert_id(issue(srv, client, ["lapsed.test"]).leaf)
+        abandoned = client.new_order(dns_ids("lapsed.test"), {"replaces": cert_id})
+        assert abandoned.status_code == 201, abandoned.get_data(as_text=True)
+        assert_problem(
+            client.new_order(dns_ids("lapsed.test"), {"replaces": cert_id}), "alreadyReplaced", 409
+        )
+        clock.advance(datetime.timedelta(hours=25))
+        assert client.get(abandoned.headers["Location"]).get_json()["status"] == "invalid"
+        second = issue(srv, client, ["lapsed.test"], {"replaces": cert_id})
+        assert second.order["replaces"] == cert_id
 
 
 @sqlite_only
@@ -1163,9 +1272,12 @@ def test_certificates_per_domain_per_week_are_limited(
 ) -> None:
     with limited_server(certificates_per_domain_per_week=1) as srv:
         client = srv.account()
+        # Orders opened before the limit is reached are held to it at finalize.
+        _, early = ready_order(srv, client, dns_ids("c.limited.test"))
         issue(srv, client, ["a.limited.test"])
         with unchanged(storage):
             assert_rate_limited(client.new_order(dns_ids("b.limited.test")))
+            assert_rate_limited(finalize(client, early, ["c.limited.test"])[1])
         assert client.new_order(dns_ids("other-domain.test")).status_code == 201
 
 
