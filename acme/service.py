@@ -99,6 +99,7 @@ class Settings:
         return Settings(
             validation=ValidationConfig(
                 http01_port=int(get("http01_port")),
+                http01_https_port=int(get("http01_https_port")),
                 tlsalpn01_port=int(get("tlsalpn01_port")),
                 dns_resolver=str(get("dns_resolver")) or None,
                 timeout=float(get("validation_timeout_seconds")),
@@ -133,25 +134,37 @@ def registered_domain(name: str) -> str:
     return ".".join(labels[-2:])
 
 
-def ari_cert_id(certificate: x509.Certificate) -> str:
+def _serial_octets(serial: int) -> bytes:
+    """The content octets of a positive serial's DER INTEGER: minimal, a leading zero octet
+    only when the high bit is set."""
+    return serial.to_bytes((serial.bit_length() + 8) // 8, "big")
+
+
+def _ari_id(aki: bytes, serial: int) -> str:
     """RFC 9773 §4.1: base64url(AKI keyIdentifier) "." base64url(serial DER content octets)."""
+    return f"{jws.b64url_encode(aki)}.{jws.b64url_encode(_serial_octets(serial))}"
+
+
+def ari_cert_id(certificate: x509.Certificate) -> str:
     aki = certificate.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
-    serial = certificate.serial_number
-    serial_bytes = serial.to_bytes((serial.bit_length() + 8) // 8, "big")
-    return f"{jws.b64url_encode(aki.key_identifier or b'')}.{jws.b64url_encode(serial_bytes)}"
+    return _ari_id(aki.key_identifier or b"", certificate.serial_number)
 
 
-def parse_ari_cert_id(cert_id: str) -> tuple[bytes, str]:
-    """(AKI key identifier, serial in our hex form) from an RFC 9773 certificate identifier."""
+def parse_ari_cert_id(cert_id: str) -> tuple[bytes, int]:
+    """(AKI key identifier, serial) from an RFC 9773 certificate identifier, which must be the
+    one spelling `_ari_id` gives: another (padding, a non-minimal serial) would let one
+    certificate go by several names, and `replaces` count it once per name."""
+    malformed = problems.malformed("the ARI certificate identifier is malformed")
     try:
         aki_b64, serial_b64 = cert_id.split(".")
         aki = jws.b64url_decode(aki_b64)
         serial = int.from_bytes(jws.b64url_decode(serial_b64), "big")
     except (ValueError, AcmeProblem):
-        raise problems.malformed("renewalInfo certificate identifier is malformed") from None
-    if not aki or serial <= 0:
-        raise problems.malformed("renewalInfo certificate identifier is malformed")
-    return aki, certs.serial_hex(serial)
+        raise malformed from None
+    # RFC 5280 §4.1.2.2: at most 20 octets; no key identifier method gives more than 64.
+    if not 0 < len(aki) <= 64 or not 0 < serial < 1 << 159 or _ari_id(aki, serial) != cert_id:
+        raise malformed
+    return aki, serial
 
 
 class AcmeService:
@@ -444,11 +457,14 @@ class AcmeService:
         """RFC 9773 §5: `replaces` names a certificate of ours that this account may replace."""
         if not isinstance(replaces, str):
             raise problems.malformed("replaces must be a string")
-        _, serial = parse_ari_cert_id(replaces)
+        aki, serial = parse_ari_cert_id(replaces)
         try:
-            record = self.runtime.storage.get_certificate(serial)
+            record = self.runtime.storage.get_certificate(certs.serial_hex(serial))
+            issuer = self.runtime.storage.get_issuer(record.issuer_id)
         except CAError:
             raise problems.malformed("replaces names an unknown certificate") from None
+        if bytes.fromhex(issuer.ski) != aki:
+            raise problems.malformed("replaces names an unknown certificate")
         names = {n.removeprefix("*.") for n in record.names}
         if record.acme_account_id != account.id:
             held = self.store.valid_authorization_values(account.id, self.clock.now())
@@ -760,7 +776,7 @@ class AcmeService:
             raise problem
         replaces = None
         if order.replaces:
-            replaces = parse_ari_cert_id(order.replaces)[1]
+            replaces = certs.serial_hex(parse_ari_cert_id(order.replaces)[1])
         try:
             issued = self.authority.issue(
                 _issuance_request(csr_key, ordered, order.profile, account.id, replaces),
@@ -887,7 +903,7 @@ class AcmeService:
     def renewal_info(self, cert_id: str) -> tuple[dict[str, Any], int]:
         aki, serial = parse_ari_cert_id(cert_id)
         try:
-            record = self.runtime.storage.get_certificate(serial)
+            record = self.runtime.storage.get_certificate(certs.serial_hex(serial))
             issuer = self.runtime.storage.get_issuer(record.issuer_id)
         except CAError:
             raise problems.not_found("no such certificate") from None

@@ -162,18 +162,21 @@ class ValidationRecord:
 class ValidationConfig:
     """Where the validator connects; every field is a knob a test rig needs (DESIGN §4).
 
-    ``dns_resolver`` is ``None`` for the system resolver, or ``"host:port"`` / ``"[v6]:port"``
-    with an IP address as host (port 53 when omitted).
+    ``http01_port`` and ``http01_https_port`` stand for ports 80 and 443 of http-01 URLs (the
+    second only reached by a redirect to https). ``dns_resolver`` is ``None`` for the system
+    resolver, or ``"host:port"`` / ``"[v6]:port"`` with an IP address as host (port 53 when
+    omitted).
     """
 
     http01_port: int = 80
+    http01_https_port: int = 443
     tlsalpn01_port: int = 443
     dns_resolver: str | None = None
     timeout: float = 10.0
     max_redirects: int = 10
 
     def __post_init__(self) -> None:
-        for name in ("http01_port", "tlsalpn01_port"):
+        for name in ("http01_port", "http01_https_port", "tlsalpn01_port"):
             port = getattr(self, name)
             if not 1 <= port <= 65535:
                 raise ValueError(f"{name} must be a TCP port 1-65535, got {port!r}")
@@ -527,15 +530,27 @@ class _DeadlineSocket(socket.socket):
         adopted.deadline = deadline
         return adopted
 
-    def _wait_at_most(self) -> None:
-        left = self.deadline.left()
-        if left <= 0:
-            raise TimeoutError("the validation's time is spent")
-        self.settimeout(left)
-
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
-        self._wait_at_most()
+        _wait_at_most(self, self.deadline)
         return super().recv_into(buffer, nbytes, flags)
+
+
+class _DeadlineTLSSocket(ssl.SSLSocket):
+    """`_DeadlineSocket` for TLS, the class `_https_client_context` wraps sockets in: TLS
+    reads the connection in C, so the budget is checked on the reads of the TLS socket."""
+
+    deadline: Deadline
+
+    def recv_into(self, buffer: Any, nbytes: int | None = None, flags: int = 0) -> int:
+        _wait_at_most(self, self.deadline)
+        return super().recv_into(buffer, nbytes, flags)
+
+
+def _wait_at_most(sock: socket.socket, deadline: Deadline) -> None:
+    left = deadline.left()
+    if left <= 0:
+        raise TimeoutError("the validation's time is spent")
+    sock.settimeout(left)
 
 
 # --- http-01 (RFC 8555 §8.3, RFC 8738 §4-5) -------------------------------------------------
@@ -549,10 +564,11 @@ class _HTTPTarget:
     path: str
     host_header: str
     url: str
+    tls: bool = False
 
     @property
-    def key(self) -> tuple[str, int, str]:
-        return self.host, self.port, self.path
+    def key(self) -> tuple[bool, str, int, str]:
+        return self.tls, self.host, self.port, self.path
 
 
 @dataclass(frozen=True)
@@ -596,7 +612,8 @@ def _redirect_target(
     identifier_type: IdentifierType,
     cfg: ValidationConfig,
 ) -> _HTTPTarget:
-    """The next hop, if policy allows it (same limits as Let's Encrypt, plus the rig's port)."""
+    """The next hop, if policy allows it: as Let's Encrypt, http or https on its default port
+    (BRs §3.2.2.4.19: 80 or 443), plus the rig's ports."""
     if len(location) > _MAX_REDIRECT_URL or not all(0x21 <= ord(c) <= 0x7E for c in location):
         raise ValidationError("connection", "Invalid redirect target: not a printable ASCII URL")
     try:
@@ -604,16 +621,20 @@ def _redirect_target(
         written_port = parts.port
     except ValueError:
         raise ValidationError("connection", "Invalid redirect target: malformed URL") from None
-    if parts.scheme != "http":
+    if parts.scheme not in ("http", "https"):
         raise ValidationError(
-            "connection", f"Redirect to scheme {parts.scheme!r} not followed; only http is"
+            "connection",
+            f"Redirect to scheme {parts.scheme!r} not followed; only http and https are",
         )
     if parts.username is not None or parts.password is not None or not parts.hostname:
         raise ValidationError("connection", "Invalid redirect target: bad authority")
-    if written_port not in (None, 80, cfg.http01_port):
+    tls = parts.scheme == "https"
+    default_port, port = (443, cfg.http01_https_port) if tls else (80, cfg.http01_port)
+    if written_port not in (None, default_port, port):
         raise ValidationError(
             "connection",
-            f"Redirect to port {written_port} not followed; only 80 and {cfg.http01_port} are",
+            f"Redirect to {parts.scheme} port {written_port} not followed; "
+            f"only {default_port} and {port} are",
         )
     host = parts.hostname
     address: IPAddress | None
@@ -637,11 +658,11 @@ def _redirect_target(
                 "connection", f"Invalid host in redirect target {host!r}"
             ) from None
     url_host = _url_host(host, address)
-    # Port 80 and the configured http-01 port both mean "the http-01 responder".
-    netloc = url_host if written_port in (None, 80) else f"{url_host}:{written_port}"
+    # The scheme's default port and its configured port both mean "the http-01 responder".
+    netloc = url_host if written_port in (None, default_port) else f"{url_host}:{written_port}"
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    url = urlunsplit(("http", netloc, parts.path or "/", parts.query, ""))
-    return _HTTPTarget(host, address, cfg.http01_port, path, netloc, url)
+    url = urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, ""))
+    return _HTTPTarget(host, address, port, path, netloc, url, tls)
 
 
 def _read_capped_body(response: http.client.HTTPResponse, deadline: Deadline, url: str) -> bytes:
@@ -660,12 +681,42 @@ def _read_capped_body(response: http.client.HTTPResponse, deadline: Deadline, ur
     )
 
 
+def _https_client_context() -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    # As Let's Encrypt: the certificate is not checked. Getting a first one is often the point.
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.sslsocket_class = _DeadlineTLSSocket
+    return context
+
+
+def _start_tls(
+    sock: socket.socket, target: _HTTPTarget, used: IPAddress, deadline: Deadline
+) -> _DeadlineTLSSocket:
+    # The socket timeout bounds the whole handshake (see `_handshake`). No SNI for an address
+    # (RFC 6066 §3).
+    sock.settimeout(deadline.remaining("connection", f"in the TLS handshake with {used}"))
+    server_name = target.host if target.address is None else None
+    try:
+        tls = _https_client_context().wrap_socket(sock, server_hostname=server_name)
+    except ssl.SSLError as exc:  # wrap_socket has closed the socket
+        raise ValidationError(
+            "tls", f"{used}: TLS handshake failed ({exc.reason or 'unknown reason'})"
+        ) from None
+    assert isinstance(tls, _DeadlineTLSSocket)  # the context's sslsocket_class
+    tls.deadline = deadline
+    return tls
+
+
 def _exchange(
     sock: socket.socket, target: _HTTPTarget, used: IPAddress, deadline: Deadline
 ) -> bytes | _Redirect:
     conn = http.client.HTTPConnection(str(used), target.port)
     sock = conn.sock = _DeadlineSocket.adopt(sock, deadline)
     try:
+        if target.tls:
+            sock = conn.sock = _start_tls(sock, target, used, deadline)
         sock.settimeout(deadline.remaining("connection", f"sending to {target.url}"))
         conn.putrequest("GET", target.path, skip_host=True, skip_accept_encoding=True)
         conn.putheader("Host", target.host_header)

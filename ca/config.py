@@ -76,6 +76,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "acme": {
         "http01_port": 80,
+        # Stands for port 443 when an http-01 responder redirects to https.
+        "http01_https_port": 443,
         "tlsalpn01_port": 443,
         "dns_resolver": "",
         "validation_timeout_seconds": 10.0,

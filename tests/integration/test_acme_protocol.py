@@ -12,6 +12,7 @@ runs on SQLite and PostgreSQL; the bad inputs run on SQLite only, to keep the mo
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
 import datetime
@@ -741,6 +742,27 @@ def test_replacing_an_already_replaced_certificate_is_409_already_replaced(
 
 
 @sqlite_only
+def test_a_certificate_goes_by_one_ari_identifier(server: Server) -> None:
+    """RFC 9773 §4.1 spells a certificate's identifier one way; another spelling of its serial,
+    or another key identifier, names no certificate of ours, for renewalInfo and replaces."""
+    client = server.account()
+    issued = issue(server, client, ["one-id.test"])
+    cert_id = ari_cert_id(issued.leaf)
+    aki_b64, serial_b64 = cert_id.split(".")
+    octets = base64.urlsafe_b64decode(serial_b64 + "=" * (-len(serial_b64) % 4))
+    respelled = aki_b64 + "." + b64url(bytes(1) + octets)
+    other_aki = b64url(bytes(20)) + "." + serial_b64
+    renewal = client.url("renewalInfo")
+    assert server.http.get(f"{renewal}/{cert_id}").status_code == 200
+    assert server.http.get(f"{renewal}/{respelled}").status_code == 400
+    assert server.http.get(f"{renewal}/{other_aki}").status_code == 404
+    with unchanged(server.storage):
+        for bad in (respelled, other_aki):
+            response = client.new_order(dns_ids("one-id.test"), {"replaces": bad})
+            assert_problem(response, "malformed", 400)
+
+
+@sqlite_only
 def test_an_expired_order_no_longer_holds_its_replaces(
     storage: Storage,
     pki: SessionPKI,
@@ -987,7 +1009,15 @@ def test_an_unknown_acme_url_is_a_404_problem(server: Server, path: str) -> None
 @sqlite_only
 @pytest.mark.parametrize(
     ("cert_id", "status"),
-    [("no-dot-here", 400), ("a.b.c", 400), ("!!.!!", 400), ("AAAA.AQ", 404)],
+    [
+        ("no-dot-here", 400),
+        ("a.b.c", 400),
+        ("!!.!!", 400),
+        ("AAAA.AQ", 404),
+        ("AAAA.AAE", 400),  # serial 1 with a leading zero octet: not its DER content octets
+        ("AAAA.AQ==", 400),  # padded
+        (f"{'A' * 87}.AQ", 400),  # a 65-octet key identifier
+    ],
 )
 def test_renewal_info_for_a_bad_or_unknown_certificate_id(
     server: Server, cert_id: str, status: int

@@ -1,8 +1,9 @@
 """acme.validation against real responders on loopback.
 
 DNS is pebble-challtestsrv (Debian package ``pebble``) on random ports; http-01 responders are
-a threaded ``http.server``; tls-alpn-01 responders are stdlib ``ssl`` servers presenting
-certificates built here. Nothing on the network path is mocked.
+a threaded ``http.server`` (over TLS behind redirects to https); tls-alpn-01 responders are
+stdlib ``ssl`` servers presenting certificates built here. Nothing on the network path is
+mocked.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, TypeVar
 
 import dns.exception
 import dns.message
@@ -41,9 +43,11 @@ from acme.validation import (
     ACME_TLS_1_PROTOCOL,
     ID_PE_ACME_IDENTIFIER,
     MAX_HTTP01_BODY,
+    IdentifierType,
     ValidationConfig,
     ValidationError,
     _alpn_client_context,
+    _https_client_context,
     key_authorization_digest,
     resolve,
     validate_dns01,
@@ -225,9 +229,26 @@ class _ChallengeHandler(http.server.BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
-def http_server() -> Iterator[ChallengeHTTPServer]:
-    server = ChallengeHTTPServer()
+class ChallengeHTTPSServer(ChallengeHTTPServer):
+    """The responder behind a redirect to https; it remembers the SNI it saw."""
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        super().__init__()
+        self.context = context
+        self.server_names: list[str | None] = []
+        context.sni_callback = lambda _conn, name, _ctx: self.server_names.append(name)
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        # On the request's own thread; a failed handshake ends up in the silent handle_error.
+        with self.context.wrap_socket(request, server_side=True) as tls:
+            super().finish_request(tls, client_address)
+
+
+_Server = TypeVar("_Server", bound=ChallengeHTTPServer)
+
+
+@contextlib.contextmanager
+def serving(server: _Server) -> Iterator[_Server]:
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
     thread.start()
     try:
@@ -237,6 +258,25 @@ def http_server() -> Iterator[ChallengeHTTPServer]:
         server.shutdown()
         server.server_close()
         thread.join()
+
+
+@pytest.fixture
+def http_server() -> Iterator[ChallengeHTTPServer]:
+    with serving(ChallengeHTTPServer()) as server:
+        yield server
+
+
+@pytest.fixture
+def https_server(
+    tmp_path: Path, challenge_key: ec.EllipticCurvePrivateKey
+) -> Iterator[ChallengeHTTPSServer]:
+    # Self-signed and for another name: as Let's Encrypt, the validator must not mind.
+    certificate = challenge_certificate(
+        challenge_key, [x509.DNSName("self-signed.example.test")], None
+    )
+    context = tls_server_context(certificate, challenge_key, tmp_path)
+    with serving(ChallengeHTTPSServer(context)) as server:
+        yield server
 
 
 @pytest.fixture
@@ -555,7 +595,9 @@ def test_http01_redirect_limit(
     ("location", "in_detail"),
     [
         ("http://{name}:1/elsewhere", "port 1"),
-        ("https://{name}/elsewhere", "scheme 'https'"),
+        ("http://{name}:443/elsewhere", "http port 443"),
+        ("https://{name}:8443/elsewhere", "https port 8443"),
+        ("https://{name}:80/elsewhere", "https port 80"),
         ("http://127.0.0.1:{port}/elsewhere", "IP address"),
         ("ftp://{name}/elsewhere", "scheme 'ftp'"),
         ("http://user@{name}/elsewhere", "authority"),
@@ -582,6 +624,107 @@ def test_http01_disallowed_redirect_is_connection_problem(
     )
     assert in_detail in error.detail
     assert [path for path, _ in http_server.requests] == [challenge_path(token)]
+
+
+@pytest.mark.parametrize(
+    ("identifier_type", "written_port"), [("dns", ""), ("dns", ":443"), ("ip", "")]
+)
+def test_http01_follows_a_redirect_to_https_without_checking_the_certificate(
+    challtestsrv: ChallTestSrv,
+    http_server: ChallengeHTTPServer,
+    https_server: ChallengeHTTPSServer,
+    cfg: ValidationConfig,
+    identifier_type: IdentifierType,
+    written_port: str,
+) -> None:
+    token = new_token()
+    name = unique_name() if identifier_type == "dns" else "127.0.0.1"
+    if identifier_type == "dns":
+        challtestsrv.add_a(name, "127.0.0.1")
+    http_server.replies[challenge_path(token)] = Reply(
+        301, location=f"https://{name}{written_port}{challenge_path(token)}"
+    )
+    https_server.replies[challenge_path(token)] = Reply(body=key_authorization_for(token).encode())
+    tls_cfg = replace(cfg, http01_https_port=https_server.port)
+
+    records = validate_http01(identifier_type, name, token, key_authorization_for(token), tls_cfg)
+
+    assert [(r.url, r.port) for r in records] == [
+        (f"http://{name}{challenge_path(token)}", http_server.port),
+        (f"https://{name}{challenge_path(token)}", https_server.port),
+    ]
+    assert https_server.requests == [(challenge_path(token), name)]
+    # No SNI for an address (RFC 6066 §3).
+    assert https_server.server_names == [name if identifier_type == "dns" else None]
+
+
+def test_http01_wrong_body_behind_https_is_incorrect_response(
+    challtestsrv: ChallTestSrv,
+    http_server: ChallengeHTTPServer,
+    https_server: ChallengeHTTPSServer,
+    cfg: ValidationConfig,
+) -> None:
+    name, token = unique_name(), new_token()
+    challtestsrv.add_a(name, "127.0.0.1")
+    http_server.replies[challenge_path(token)] = Reply(302, location=f"https://{name}/final")
+    https_server.replies["/final"] = Reply(body=f"{token}.someone-else".encode())
+    tls_cfg = replace(cfg, http01_https_port=https_server.port)
+
+    error = expect_problem(
+        "incorrectResponse",
+        lambda: validate_http01("dns", name, token, key_authorization_for(token), tls_cfg),
+    )
+    assert f"https://{name}/final" in error.detail
+    assert len(error.records) == 2
+
+
+def test_http01_https_hop_below_tls12_is_tls_problem(
+    challtestsrv: ChallTestSrv,
+    http_server: ChallengeHTTPServer,
+    https_server: ChallengeHTTPSServer,
+    cfg: ValidationConfig,
+) -> None:
+    name, token = unique_name(), new_token()
+    challtestsrv.add_a(name, "127.0.0.1")
+    with warnings.catch_warnings():  # see tls_server_context
+        warnings.simplefilter("ignore", DeprecationWarning)
+        https_server.context.maximum_version = ssl.TLSVersion.TLSv1_1
+    http_server.replies[challenge_path(token)] = Reply(302, location=f"https://{name}/final")
+    https_server.replies["/final"] = Reply(body=key_authorization_for(token).encode())
+    tls_cfg = replace(cfg, http01_https_port=https_server.port)
+
+    error = expect_problem(
+        "tls",
+        lambda: validate_http01("dns", name, token, key_authorization_for(token), tls_cfg),
+    )
+    assert "handshake failed" in error.detail
+    assert https_server.requests == []
+
+
+def test_http01_stalled_https_hop_times_out(
+    challtestsrv: ChallTestSrv,
+    http_server: ChallengeHTTPServer,
+    https_server: ChallengeHTTPSServer,
+    cfg: ValidationConfig,
+) -> None:
+    name, token = unique_name(), new_token()
+    challtestsrv.add_a(name, "127.0.0.1")
+    http_server.replies[challenge_path(token)] = Reply(302, location=f"https://{name}/final")
+    https_server.replies["/final"] = Reply(stall=True)
+    slow = replace(cfg, http01_https_port=https_server.port, timeout=0.5)
+
+    error = expect_problem(
+        "connection",
+        lambda: validate_http01("dns", name, token, key_authorization_for(token), slow),
+    )
+    assert "Timeout" in error.detail
+
+
+def test_https_client_never_offers_below_tls12_nor_checks_certificates() -> None:
+    context = _https_client_context()
+    assert context.minimum_version == ssl.TLSVersion.TLSv1_2
+    assert context.verify_mode == ssl.CERT_NONE
+    assert not context.check_hostname
 
 
 def test_http01_see_other_redirect_is_not_followed(
@@ -785,6 +928,32 @@ def challenge_certificate(
     return builder.sign(key, hashes.SHA256())
 
 
+def tls_server_context(
+    certificate: x509.Certificate,
+    key: ec.EllipticCurvePrivateKey,
+    directory: Path,
+    maximum_version: ssl.TLSVersion | None = None,
+) -> ssl.SSLContext:
+    cert_file, key_file = directory / "cert.pem", directory / "key.pem"
+    cert_file.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert_file, key_file)
+    if maximum_version is not None:
+        # A legacy (< TLS 1.2) responder is what such a test is about; Python deprecates
+        # configuring one, which is exactly why the warning does not apply here.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            context.maximum_version = maximum_version
+    return context
+
+
 class ALPNResponder:
     """A TLS server on loopback that completes handshakes and remembers the SNI it saw."""
 
@@ -796,25 +965,9 @@ class ALPNResponder:
         alpn: Sequence[str],
         maximum_version: ssl.TLSVersion | None,
     ) -> None:
-        cert_file, key_file = directory / "cert.pem", directory / "key.pem"
-        cert_file.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-        key_file.write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
-        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.context.load_cert_chain(cert_file, key_file)
+        self.context = tls_server_context(certificate, key, directory, maximum_version)
         if alpn:
             self.context.set_alpn_protocols(list(alpn))
-        if maximum_version is not None:
-            # A legacy (< TLS 1.2) responder is what such a test is about; Python deprecates
-            # configuring one, which is exactly why the warning does not apply here.
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)
-                self.context.maximum_version = maximum_version
         self.context.sni_callback = self._remember_sni
         self.server_names: list[str | None] = []
         self._listener = socket.create_server(("127.0.0.1", 0), backlog=128)
