@@ -712,9 +712,7 @@ class AcmeService:
         account_uri: str | None = None,
     ) -> Order:
         order = self.order_for(account, order_id)
-        if order.status in ("processing", "valid"):
-            return order
-        if order.status != "ready":
+        if order.status != "ready":  # §7.4: processing and valid orders too
             raise problems.order_not_ready(f"order is {order.status}, not ready")
         csr_b64 = payload.get("csr")
         if not isinstance(csr_b64, str):
@@ -766,9 +764,7 @@ class AcmeService:
         self._limit_certificates_per_domain(ordered, self.clock.now())
         if not self.store.begin_finalize(order.id):
             current = self.order_for(account, order_id)
-            if current.status in ("processing", "valid"):
-                return current  # another finalize took it
-            if current.status != "ready":
+            if current.status != "ready":  # another finalize took it, or it expired
                 raise problems.order_not_ready(f"order is {current.status}, not ready")
             # Still ready, so an authorization was deactivated or expired meanwhile (§7.1.6).
             problem = problems.order_not_ready("an authorization of this order is no longer valid")

@@ -133,7 +133,10 @@ def blueprint(runtime: Runtime) -> Blueprint:
             response.headers["Replay-Nonce"] = new_nonce()
         response.headers.add("Link", f'<{base()}/directory>;rel="index"')
         for name, value in problem.headers.items():
-            response.headers[name] = value
+            if name.lower() == "link":  # beside rel="index" (a terms-of-service link, say)
+                response.headers.add(name, value)
+            else:
+                response.headers[name] = value
         return response
 
     @bp.errorhandler(AcmeProblem)
