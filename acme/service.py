@@ -913,7 +913,7 @@ class AcmeService:
                 "could not record the renewalInfo check of %s", record.serial, exc_info=True
             )
         lifetime = record.not_after - record.not_before
-        if record.status == "revoked":
+        if record.status == "revoked" or issuer.status == "revoked":
             # §4.2: a window in the past asks for renewal now.
             start, end = now - datetime.timedelta(hours=2), now - datetime.timedelta(hours=1)
         elif issuer.status != "active":

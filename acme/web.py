@@ -202,7 +202,17 @@ def blueprint(runtime: Runtime) -> Blueprint:
             raise problems.payload_too_large(
                 f"request body is larger than {jws.MAX_BODY_BYTES} bytes"
             )
-        return request.stream.read(jws.MAX_BODY_BYTES + 1)
+        # A read may return less than asked before the end (a chunked body, say): read on
+        # until one byte past the limit, enough for parse_jws to see it is too large.
+        chunks: list[bytes] = []
+        size = 0
+        while size <= jws.MAX_BODY_BYTES:
+            chunk = request.stream.read(jws.MAX_BODY_BYTES + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        return b"".join(chunks)
 
     def authenticate(
         *, jwk_allowed: bool = False, kid_allowed: bool = True

@@ -172,6 +172,18 @@ def test_renewal_info_asks_for_renewal_now_when_the_issuer_is_retired(
 
 
 @sqlite_only
+def test_renewal_info_asks_for_renewal_at_once_when_the_issuer_is_revoked(server: Server) -> None:
+    """A revoked intermediate makes its certificates useless: a window in the past (§4.2)."""
+    client = server.account()
+    issued = issue(server, client, ["ari-issuer-revoked.test"])
+    url_id = ari_cert_id(issued.leaf)
+    issuer_id = server.storage.get_certificate(format(issued.leaf.serial_number, "x")).issuer_id
+    server.storage.revoke_issuer(issuer_id, 1, "tests")  # keyCompromise; this test's database
+    start, end = window_of(renewal_info(server, client, url_id))
+    assert start < end < datetime.datetime.now(datetime.UTC)
+
+
+@sqlite_only
 def test_renewal_info_for_a_known_serial_under_another_issuers_aki_is_404(
     server: Server, pki: SessionPKI
 ) -> None:
