@@ -1,9 +1,10 @@
 """Two `certwright serve` processes on one PostgreSQL database behave as one CA.
 
 A round-robin TCP balancer in front of them hands each new connection to the next server, as
-a load balancer would; every request opens a new connection, so consecutive steps of one
-account's flow land on different processes: a nonce issued by one is redeemed by the other,
-an order created on one is validated and finalized on the other.
+a load balancer would. Every request opens a new connection, and a POST two (HEAD newNonce,
+then the POST), so each nonce issued by one process is redeemed by the other; the test checks
+that, and steers the finalize to the process that did not create the order. (Before, it only
+counted requests per process, and newOrder and finalize landed on the same one.)
 """
 
 from __future__ import annotations
@@ -97,6 +98,7 @@ class RoundRobinBalancer:
         self.port = int(self.listener.getsockname()[1])
         self._next = itertools.cycle(backends)
         self.counts = dict.fromkeys(backends, 0)
+        self.sequence: list[int] = []  # the backend of each connection, in order
         self._stop = False
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
@@ -109,6 +111,7 @@ class RoundRobinBalancer:
                 return
             backend = next(self._next)
             self.counts[backend] += 1
+            self.sequence.append(backend)
             threading.Thread(target=self._pipe_pair, args=(client, backend), daemon=True).start()
 
     @staticmethod
@@ -244,6 +247,7 @@ def test_one_flow_across_two_processes_on_postgres(two_servers: Any) -> None:
     assert client.new_account().status_code == 201
     order_response = client.new_order(ip_ids("127.0.0.1"))
     assert order_response.status_code == 201, order_response.get_data(as_text=True)
+    created_on = balancer.sequence[-1]
     order_url = order_response.headers["Location"]
     order = order_response.get_json()
     authz = client.get(order["authorizations"][0]).get_json()
@@ -253,14 +257,20 @@ def test_one_flow_across_two_processes_on_postgres(two_servers: Any) -> None:
     assert answered["status"] == "valid", answered
 
     key = ec.generate_private_key(ec.SECP256R1())
+    # A POST takes two connections (HEAD newNonce, then the POST), so it lands where the
+    # last connection did; one more connection moves it to the other process.
+    if balancer.sequence[-1] == created_on:
+        client.nonce()
     finalized = client.post(order["finalize"], {"csr": b64url(csr_der(key, ["127.0.0.1"]))})
     assert finalized.status_code == 200, finalized.get_data(as_text=True)
+    assert balancer.sequence[-1] != created_on  # finalized on the process it was not created on
     done = client.get(order_url).get_json()
     assert done["status"] == "valid"
     pem = client.get(done["certificate"]).get_data(as_text=True)
     chain = x509.load_pem_x509_certificates(pem.encode())
     assert chain[0].public_key() == key.public_key()
 
-    # Both processes served this one flow: every request (nonces included) alternated, so
-    # each nonce was issued by one process and redeemed by the other.
+    # Both processes served this one flow and every connection alternated: each POST's nonce
+    # came from the HEAD newNonce just before it, issued by one process, redeemed by the other.
+    assert all(a != b for a, b in itertools.pairwise(balancer.sequence)), balancer.sequence
     assert all(count >= 5 for count in balancer.counts.values()), balancer.counts
