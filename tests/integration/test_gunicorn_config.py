@@ -86,6 +86,10 @@ def test_serve_runs_with_the_shipped_gunicorn_config(tmp_path: Path) -> None:
         # The file's `workers` (from WEB_CONCURRENCY) took effect on both listeners.
         booted = log.read_text().count("Booting worker")
         assert booted == 4, log.read_text()[-3000:]
+        # What the README's run command promises to print: where to point clients, what to trust.
+        printed = log.read_text()
+        assert f"ACME directory https://127.0.0.1:{https_port}/acme/directory" in printed
+        assert f"trust anchor {data / 'root.pem'}" in printed
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGTERM)

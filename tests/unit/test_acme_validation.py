@@ -1027,6 +1027,13 @@ def start_responder(
         responder.close()
 
 
+def test_tls_alpn01_names_rfc_8737s_identifiers() -> None:
+    """Pinned here, not taken from the module under test: a wrong OID or ALPN id would
+    otherwise pass every unit test and fail only against real clients."""
+    assert ID_PE_ACME_IDENTIFIER.dotted_string == "1.3.6.1.5.5.7.1.31"  # RFC 8737 §6.1
+    assert ACME_TLS_1_PROTOCOL == "acme-tls/1"  # RFC 8737 §6.2
+
+
 def tls_cfg(challtestsrv: ChallTestSrv, responder: ALPNResponder) -> ValidationConfig:
     return ValidationConfig(
         tlsalpn01_port=responder.port, dns_resolver=challtestsrv.resolver, timeout=5
