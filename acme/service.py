@@ -806,21 +806,25 @@ class AcmeService:
 
     # -- certificates and revocation (§7.4.2, §7.6) -------------------------------------------
 
-    def certificate_chain(self, account: Account, serial: str, alternate: int) -> str:
+    def certificate_chain(self, account: Account, serial: str, alternate: int) -> tuple[str, int]:
+        """§7.4.2: the PEM chain number `alternate`, and how many chains there are.
+
+        Chain 0 is the leaf and the issuer's own chain up to (not including) its root; each
+        further chain goes through one unexpired cross-certificate of the issuer (another
+        root certified the same subject and key), in the order they were made."""
         try:
             record = self.runtime.storage.get_certificate(serial)
         except CAError:
             raise problems.not_found("no such certificate") from None
         if record.acme_account_id != account.id or record.der is None:
             raise problems.not_found("no such certificate for this account")
-        if alternate not in (0, 1):
+        chains = [self._chain(record.issuer_id), *self._cross_chains(record.issuer_id)]
+        if not 0 <= alternate < len(chains):
             raise problems.not_found("no such alternate chain")
-        chain = self._chain(record.issuer_id)
-        if alternate == 1:
-            chain = [*chain, self._root(chain[-1])]
-        return ssl.DER_cert_to_PEM_cert(record.der) + "".join(
-            c.public_bytes(serialization.Encoding.PEM).decode() for c in chain
+        pem = ssl.DER_cert_to_PEM_cert(record.der) + "".join(
+            c.public_bytes(serialization.Encoding.PEM).decode() for c in chains[alternate]
         )
+        return pem, len(chains)
 
     def _chain(self, issuer_id: str) -> list[x509.Certificate]:
         """The issuing chain up to (not including) the root. An issuer's certificate and
@@ -837,13 +841,16 @@ class AcmeService:
             self._chains[issuer_id] = chain
         return chain
 
-    def _root(self, top: x509.Certificate) -> x509.Certificate:
-        for issuer in self.runtime.storage.list_issuers():
-            if issuer.kind == "root":
-                root = x509.load_der_x509_certificate(issuer.cert_der)
-                if root.subject == top.issuer:
-                    return root
-        raise problems.not_found("no alternate chain")
+    def _cross_chains(self, issuer_id: str) -> list[list[x509.Certificate]]:
+        """One chain per unexpired cross-certificate of the issuer: it, then the chain above
+        its signer when that is not a root. Read on every download, not cached: the ceremony
+        adds cross-certificates from another process, and this is one small indexed query."""
+        crosses = self.runtime.storage.list_cross_certificates(
+            issuer_id=issuer_id, valid_at=self.clock.now()
+        )
+        return [
+            [x509.load_der_x509_certificate(c.cert_der), *self._chain(c.parent_id)] for c in crosses
+        ]
 
     def revoke(
         self,

@@ -503,12 +503,13 @@ def blueprint(runtime: Runtime) -> Blueprint:
     def certificate(serial: str, alternate: int = 0) -> Response:
         _, acct = authenticate()
         assert acct is not None
-        pem = service().certificate_chain(acct, serial.lower(), alternate)
-        links = (
-            [(f"{cert_url(serial)}/1", "alternate")]
-            if alternate == 0
-            else [(cert_url(serial), "alternate")]
-        )
+        pem, chains = service().certificate_chain(acct, serial.lower(), alternate)
+        # §7.4.2: every response links to each of the other chains; chain 0 is the bare URL.
+        links = [
+            (f"{cert_url(serial)}/{n}" if n else cert_url(serial), "alternate")
+            for n in range(chains)
+            if n != alternate
+        ]
         return respond(pem, links=links, content_type="application/pem-certificate-chain")
 
     @bp.post("/revoke-cert")

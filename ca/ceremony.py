@@ -3,8 +3,12 @@
 - `create_root`: a key pair generated on the root's own token and a self-signed certificate.
 - `create_intermediate`: a key pair generated on the online token, certified by the root, and
   registered as an issuer in the database (the online server only ever sees the certificate).
+- `cross_sign`: another root certifies an existing intermediate's subject and key (a
+  cross-certificate, e.g. for a root rotation); ACME offers the chain through it as an
+  alternate.
 - `sign_root_crl`: the root's CRL (an ARL, RFC 5280 §5.2.5 onlyContainsCACerts) listing
-  revoked intermediates; stored for the revocation service to publish.
+  revoked intermediates and the cross-certificates it signed for them; stored for the
+  revocation service to publish.
 
 Every step is linted with pkilint before it is returned or recorded, and audited.
 """
@@ -16,6 +20,7 @@ import datetime
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 
 from ca import certs, lint
 from ca.clock import Clock, SystemClock
@@ -127,6 +132,50 @@ def root_id_of(storage: Storage, certificate: x509.Certificate) -> str:
     raise CAError(Kind.NOT_FOUND, "this root certificate is not registered; register it first")
 
 
+def _certify_intermediate(
+    root: RootKey,
+    root_id: str,
+    subject: x509.Name,
+    public: CertificatePublicKeyTypes,
+    validity: datetime.timedelta,
+    base: str,
+    clock: Clock,
+    what: str,
+) -> x509.Certificate:
+    """An intermediate's CA certificate signed by `root` (never outliving it), linted alone
+    and as a root/intermediate pair; both an intermediate's own certificate and its
+    cross-certificates are made here, so they differ only in issuer, serial and validity."""
+    now = certs.utcnow_floor(clock.now())
+    not_after = min(now + validity, root.certificate.not_valid_after_utc)
+    if not_after <= now:
+        raise CAError(Kind.BAD_REQUEST, f"root {root_id!r} has expired")
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(root.certificate.subject)
+        .public_key(public)
+        .serial_number(certs.new_serial())
+        .not_valid_before(now)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(certs.ca_key_usage(), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
+        .add_extension(certs.authority_key_identifier(root.certificate), critical=False)
+        .add_extension(certs.aia(base, root_id, with_ocsp=False), critical=False)
+        .add_extension(
+            certs.crl_distribution_points(certs.crl_url(base, root_id, None)), critical=False
+        )
+    )
+    certificate = builder.sign(root.key, signature_hash(root.key))
+    der = certificate.public_bytes(serialization.Encoding.DER)
+    lint.require_clean(lint.lint_certificate(der), what)
+    lint.require_clean(
+        lint.lint_chain(root.certificate.public_bytes(serialization.Encoding.DER), der),
+        "root/intermediate chain",
+    )
+    return certificate
+
+
 def create_intermediate(
     storage: Storage,
     root: RootKey,
@@ -149,33 +198,11 @@ def create_intermediate(
     if issuer_id in existing:
         raise CAError(Kind.CONFLICT, f"an issuer named {issuer_id!r} already exists")
     key = online_token.generate_key(key_label, spec)
-    now = certs.utcnow_floor(clock.now())
-    not_after = min(now + validity, root.certificate.not_valid_after_utc)
     public = key.public_key()
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(root.certificate.subject)
-        .public_key(public)
-        .serial_number(certs.new_serial())
-        .not_valid_before(now)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(certs.ca_key_usage(), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
-        .add_extension(certs.authority_key_identifier(root.certificate), critical=False)
-        .add_extension(certs.aia(base, root_id, with_ocsp=False), critical=False)
-        .add_extension(
-            certs.crl_distribution_points(certs.crl_url(base, root_id, None)), critical=False
-        )
+    certificate = _certify_intermediate(
+        root, root_id, subject, public, validity, base, clock, "intermediate certificate"
     )
-    certificate = builder.sign(root.key, signature_hash(root.key))
     der = certificate.public_bytes(serialization.Encoding.DER)
-    lint.require_clean(lint.lint_certificate(der), "intermediate certificate")
-    lint.require_clean(
-        lint.lint_chain(root.certificate.public_bytes(serialization.Encoding.DER), der),
-        "root/intermediate chain",
-    )
     storage.add_issuer(
         IssuerRecord(
             id=issuer_id,
@@ -202,6 +229,73 @@ def create_intermediate(
     return certificate
 
 
+def cross_sign(
+    storage: Storage,
+    root: RootKey,
+    *,
+    issuer_id: str,
+    validity: datetime.timedelta,
+    public_base_url: str,
+    actor: str,
+    clock: Clock | None = None,
+) -> x509.Certificate:
+    """Certify an existing intermediate's subject and key with another root (cross-signing,
+    e.g. during a root rotation), so relying parties that trust either root accept what it
+    issues. The intermediate's key stays where it is: only its public key is certified."""
+    clock = clock or SystemClock()
+    root_id = root_id_of(storage, root.certificate)
+    issuer = storage.get_issuer(issuer_id)
+    if issuer.kind != "intermediate" or issuer.status != "active":
+        raise CAError(
+            Kind.BAD_REQUEST,
+            f"issuer {issuer_id!r} is not an active intermediate ({issuer.kind}, {issuer.status})",
+        )
+    if issuer.parent_id == root_id:
+        raise CAError(
+            Kind.CONFLICT,
+            f"root {root_id!r} is already the parent of {issuer_id!r}; use another root",
+        )
+    own = x509.load_der_x509_certificate(issuer.cert_der)
+    certificate = _certify_intermediate(
+        root,
+        root_id,
+        own.subject,
+        own.public_key(),
+        validity,
+        public_base_url.rstrip("/"),
+        clock,
+        "cross-certificate",
+    )
+    if _ski_hex(certificate) != issuer.ski:  # the same key must be found by the same SKI
+        raise CAError(Kind.INTERNAL, f"cross-certificate of {issuer_id!r} has another SKI")
+    storage.add_cross_certificate(
+        issuer_id,
+        root_id,
+        certificate.serial_number,
+        certificate.public_bytes(serialization.Encoding.DER),
+        certificate.not_valid_before_utc,
+        certificate.not_valid_after_utc,
+        actor,
+    )
+    return certificate
+
+
+def _revoked_entry(
+    serial: int, issuer: IssuerRecord, now: datetime.datetime
+) -> x509.RevokedCertificate:
+    entry = (
+        x509.RevokedCertificateBuilder()
+        .serial_number(serial)
+        .revocation_date(issuer.revoked_at or now)
+    )
+    if issuer.revocation_reason:  # RFC 5280 §5.3.1: omit reasonCode for unspecified
+        entry = entry.add_extension(
+            x509.CRLReason(x509.ReasonFlags(certs.REASON_NAMES[issuer.revocation_reason])),
+            critical=False,
+        )
+    return entry.build()
+
+
 def sign_root_crl(
     storage: Storage,
     root: RootKey,
@@ -222,20 +316,17 @@ def sign_root_crl(
         max(now, previous.this_update + datetime.timedelta(seconds=1)) if previous else now
     )
     revoked = []
-    for issuer in storage.list_issuers():
+    issuers = {issuer.id: issuer for issuer in storage.list_issuers()}
+    for issuer in issuers.values():
         if issuer.parent_id == root_id and issuer.status == "revoked":
             cert = x509.load_der_x509_certificate(issuer.cert_der)
-            entry = (
-                x509.RevokedCertificateBuilder()
-                .serial_number(cert.serial_number)
-                .revocation_date(issuer.revoked_at or now)
-            )
-            if issuer.revocation_reason:  # RFC 5280 §5.3.1: omit reasonCode for unspecified
-                entry = entry.add_extension(
-                    x509.CRLReason(x509.ReasonFlags(certs.REASON_NAMES[issuer.revocation_reason])),
-                    critical=False,
-                )
-            revoked.append(entry.build())
+            revoked.append(_revoked_entry(cert.serial_number, issuer, now))
+    # A revoked intermediate is revoked on every path: the cross-certificates this root
+    # signed for it are listed too, with the intermediate's own date and reason.
+    for cross in storage.list_cross_certificates(parent_id=root_id):
+        issuer = issuers[cross.issuer_id]
+        if issuer.status == "revoked":
+            revoked.append(_revoked_entry(int(cross.serial, 16), issuer, now))
     url = certs.crl_url(public_base_url.rstrip("/"), root_id, None)
     builder = x509.CertificateRevocationListBuilder(
         issuer_name=root.certificate.subject,

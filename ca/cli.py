@@ -285,6 +285,52 @@ def ceremony_intermediate(
     click.echo(f"intermediate {issuer_id} created: {certificate.subject.rfc4514_string()}")
 
 
+@ceremony_group.command("cross-sign")
+@root_options
+@click.argument("issuer_id")
+@click.option(
+    "--root-cert",
+    type=click.Path(dir_okay=False),
+    required=True,
+    help="The signing root's certificate: a registered root other than the issuer's parent.",
+)
+@click.option("--days", type=int, default=1825, show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), help="Also write the certificate here.")
+@with_runtime
+def ceremony_cross_sign(
+    runtime: Runtime,
+    module: str | None,
+    root_token: str,
+    root_key_label: str,
+    root_pin_file: str | None,
+    issuer_id: str,
+    root_cert: str,
+    days: int,
+    out: str | None,
+) -> None:
+    """Have another root certify an existing intermediate (same subject and key)."""
+    root = ceremony.load_root(
+        _root_token(module, root_token, root_pin_file, runtime),
+        root_key_label,
+        _load_root_cert(root_cert),
+    )
+    certificate = ceremony.cross_sign(
+        runtime.storage,
+        root,
+        issuer_id=issuer_id,
+        validity=datetime.timedelta(days=days),
+        public_base_url=runtime.config.public_base_url,
+        actor=_actor(),
+        clock=runtime.clock,
+    )
+    if out:
+        Path(out).write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    click.echo(
+        f"intermediate {issuer_id} cross-signed by {certificate.issuer.rfc4514_string()}, "
+        f"serial {certificate.serial_number:x}, until {certificate.not_valid_after_utc:%Y-%m-%d}"
+    )
+
+
 @ceremony_group.command("revoke-intermediate")
 @click.argument("issuer_id")
 @click.option("--reason", default="cessationOfOperation", show_default=True)

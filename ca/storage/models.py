@@ -73,6 +73,26 @@ class Issuer(Base):
     revocation_reason: Mapped[int | None] = mapped_column(Integer)
 
 
+class CrossCertificate(Base):
+    """A second CA certificate for an intermediate, signed by another root (cross-signing):
+    same subject and key as the intermediate's own, so either certifies what it issues.
+
+    Revoking the intermediate revokes these too: the signing root's ARL lists them.
+    """
+
+    __tablename__ = "cross_certificates"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    issuer_id: Mapped[str] = mapped_column(ForeignKey("issuers.id"), index=True)
+    parent_id: Mapped[str] = mapped_column(ForeignKey("issuers.id"), index=True)
+    # Lowercase hex without leading zeros, as in `certificates`.
+    serial: Mapped[str] = mapped_column(String(48), unique=True)
+    cert_der: Mapped[bytes] = mapped_column(LargeBinary)
+    not_before: Mapped[datetime.datetime] = mapped_column(UTCDateTime())
+    not_after: Mapped[datetime.datetime] = mapped_column(UTCDateTime())
+    created_at: Mapped[datetime.datetime] = mapped_column(UTCDateTime())
+
+
 class Certificate(Base):
     """Every leaf certificate, from the moment its serial is reserved.
 

@@ -35,7 +35,14 @@ from sqlalchemy.orm import Session, sessionmaker
 from ca.clock import Clock, SystemClock
 from ca.errors import CAError, Kind
 from ca.storage import audit
-from ca.storage.models import AuditEvent, Certificate, CertificateName, Crl, Issuer
+from ca.storage.models import (
+    AuditEvent,
+    Certificate,
+    CertificateName,
+    Crl,
+    CrossCertificate,
+    Issuer,
+)
 from ca.storage.prepared import Prepared
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
@@ -79,6 +86,20 @@ class IssuerRecord:
     status: str
     revoked_at: datetime.datetime | None = None
     revocation_reason: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class CrossCertificateRecord:
+    """An intermediate's CA certificate from a root other than its parent (cross-signing)."""
+
+    id: int
+    issuer_id: str  # the intermediate it certifies
+    parent_id: str  # the root that signed it
+    serial: str
+    cert_der: bytes
+    not_before: datetime.datetime
+    not_after: datetime.datetime
+    created_at: datetime.datetime
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,6 +198,19 @@ def _issuer_record(row: Issuer) -> IssuerRecord:
         status=row.status,
         revoked_at=row.revoked_at,
         revocation_reason=row.revocation_reason,
+    )
+
+
+def _cross_certificate_record(row: CrossCertificate) -> CrossCertificateRecord:
+    return CrossCertificateRecord(
+        id=row.id,
+        issuer_id=row.issuer_id,
+        parent_id=row.parent_id,
+        serial=row.serial,
+        cert_der=row.cert_der,
+        not_before=row.not_before,
+        not_after=row.not_after,
+        created_at=row.created_at,
     )
 
 
@@ -527,6 +561,57 @@ class Storage:
                 "success",
                 {"reason": reason},
             )
+
+    def add_cross_certificate(
+        self,
+        issuer_id: str,
+        parent_id: str,
+        serial: int,
+        cert_der: bytes,
+        not_before: datetime.datetime,
+        not_after: datetime.datetime,
+        actor: str,
+    ) -> CrossCertificateRecord:
+        """Record a cross-certificate of `issuer_id` signed by root `parent_id`, audited."""
+        with self.transaction() as session:
+            row = CrossCertificate(
+                issuer_id=issuer_id,
+                parent_id=parent_id,
+                serial=format(serial, "x"),
+                cert_der=cert_der,
+                not_before=not_before,
+                not_after=not_after,
+                created_at=self.clock.now(),
+            )
+            session.add(row)
+            session.flush()
+            self._audit(
+                session,
+                actor,
+                "ceremony.cross_sign",
+                f"issuer:{issuer_id}",
+                "success",
+                {"root": parent_id, "serial": row.serial, "not_after": not_after.isoformat()},
+            )
+            return _cross_certificate_record(row)
+
+    def list_cross_certificates(
+        self,
+        *,
+        issuer_id: str | None = None,
+        parent_id: str | None = None,
+        valid_at: datetime.datetime | None = None,
+    ) -> list[CrossCertificateRecord]:
+        """Cross-certificates, oldest first; `valid_at` keeps those not expired then."""
+        query = select(CrossCertificate).order_by(CrossCertificate.created_at, CrossCertificate.id)
+        if issuer_id is not None:
+            query = query.where(CrossCertificate.issuer_id == issuer_id)
+        if parent_id is not None:
+            query = query.where(CrossCertificate.parent_id == parent_id)
+        if valid_at is not None:
+            query = query.where(CrossCertificate.not_after > valid_at)
+        with self.transaction() as session:
+            return [_cross_certificate_record(r) for r in session.scalars(query)]
 
     # -- issuance ---------------------------------------------------------------------------
 

@@ -420,6 +420,134 @@ def test_ceremony_commands(demo: dict[str, str], tmp_path: Path) -> None:
     )
 
 
+def test_ceremony_cross_sign_with_a_second_root(demo: dict[str, str], tmp_path: Path) -> None:
+    """A new root on its own token cross-signs an intermediate of the first: same subject and
+    key, so leaves verify up to either root; revoking the intermediate revokes both paths."""
+    from ca.demo import init_softhsm_token
+
+    data = Path(demo["CERTWRIGHT_CONFIG"]).parent
+    root_env = {**demo, "CERTWRIGHT_ROOT_PIN": (data / "secrets" / "root.pin").read_text().strip()}
+    init_softhsm_token(data / "softhsm2.conf", "certwright-root-2", "root-2-pin")
+    root2_env = {**demo, "CERTWRIGHT_ROOT_PIN": "root-2-pin"}
+    root1 = ("--root-token", "certwright-root", "--root-cert", str(data / "root.pem"))
+    root2_pem = tmp_path / "root2.pem"
+    root2 = ("--root-token", "certwright-root-2", "--root-cert", str(root2_pem))
+    _ok(
+        "ceremony",
+        "root",
+        "--root-token",
+        "certwright-root-2",
+        "--id",
+        "root-2",
+        "--subject",
+        "CN=certwright demo root CA 2,O=certwright demo",
+        "--out",
+        str(root2_pem),
+        env=root2_env,
+    )
+    own_pem = tmp_path / "own.pem"
+    _ok(
+        "ceremony",
+        "intermediate",
+        *root1,
+        "--id",
+        "issuing-crossed",
+        "--subject",
+        "CN=crossed intermediate,O=certwright demo",
+        "--out",
+        str(own_pem),
+        env=root_env,
+    )
+    _refused(
+        "ceremony",
+        "cross-sign",
+        "issuing-crossed",
+        *root1,
+        env=root_env,
+        expect="already the parent",
+    )
+    _refused("ceremony", "cross-sign", "root", *root2, env=root2_env, expect="not an active")
+
+    cross_pem = tmp_path / "cross.pem"
+    printed = _ok(
+        "ceremony",
+        "cross-sign",
+        "issuing-crossed",
+        *root2,
+        "--days",
+        "400",
+        "--out",
+        str(cross_pem),
+        env=root2_env,
+    )
+    assert "cross-signed by CN=certwright demo root CA 2" in printed
+    own = x509.load_pem_x509_certificate(own_pem.read_bytes())
+    cross = x509.load_pem_x509_certificate(cross_pem.read_bytes())
+    assert cross.subject == own.subject and cross.public_key() == own.public_key()
+    assert cross.extensions.get_extension_for_class(
+        x509.SubjectKeyIdentifier
+    ) == own.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
+    assert cross.issuer == x509.load_pem_x509_certificate(root2_pem.read_bytes()).subject
+    assert cross.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    cdp = cross.extensions.get_extension_for_class(x509.CRLDistributionPoints).value[0].full_name
+    assert cdp is not None and cdp[0].value.endswith("/crl/root-2.crl")
+    lint = pkilint("lint_pkix_signer_signee_cert_chain", str(root2_pem), str(cross_pem))
+    assert lint.returncode == 0, lint.stdout
+    lint = pkilint("lint_pkix_cert", str(cross_pem))
+    assert lint.returncode == 0, lint.stdout
+
+    out = tmp_path / "leaf"
+    _ok(
+        "issue",
+        "--name",
+        "crossed.internal",
+        "--issuer",
+        "issuing-crossed",
+        "--out-dir",
+        str(out),
+        env=demo,
+    )
+    for anchor, untrusted in ((root2_pem, cross_pem), (data / "root.pem", own_pem)):
+        verify = subprocess.run(
+            [
+                "openssl",
+                "verify",
+                "-CAfile",
+                str(anchor),
+                "-untrusted",
+                str(untrusted),
+                str(out / "cert.pem"),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert verify.returncode == 0, verify.stdout + verify.stderr
+
+    # Revoked, the intermediate is listed by each root's ARL: its own serial and the cross's.
+    _ok("ceremony", "revoke-intermediate", "issuing-crossed", "--reason", "keyCompromise", env=demo)
+    _refused(
+        "ceremony", "cross-sign", "issuing-crossed", *root2, env=root2_env, expect="not an active"
+    )
+    arl = tmp_path / "root2.crl"
+    _ok("ceremony", "crl", *root2, "--out", str(arl), env=root2_env)
+    crl = x509.load_der_x509_crl(arl.read_bytes())
+    entry = crl.get_revoked_certificate_by_serial_number(cross.serial_number)
+    assert entry is not None
+    assert (
+        entry.extensions.get_extension_for_class(x509.CRLReason).value.reason
+        == x509.ReasonFlags.key_compromise
+    )
+    assert crl.get_revoked_certificate_by_serial_number(own.serial_number) is None
+    lint = pkilint("lint_crl", "-t", "ARL", "-p", "PKIX", str(arl))
+    assert lint.returncode == 0, lint.stdout
+    arl1 = tmp_path / "root1.crl"
+    _ok("ceremony", "crl", *root1, "--out", str(arl1), env=root_env)
+    crl1 = x509.load_der_x509_crl(arl1.read_bytes())
+    assert crl1.get_revoked_certificate_by_serial_number(own.serial_number) is not None
+    assert crl1.get_revoked_certificate_by_serial_number(cross.serial_number) is None
+
+
 def test_ceremony_new_root_on_its_own_token(tmp_path: Path) -> None:
     """A root made from scratch by the ceremony command on a fresh token."""
     from ca.demo import init_softhsm_token, write_softhsm_conf
