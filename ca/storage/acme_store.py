@@ -19,7 +19,18 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Connection, and_, bindparam, delete, func, insert, or_, select, update
+from sqlalchemy import (
+    Connection,
+    and_,
+    bindparam,
+    delete,
+    func,
+    insert,
+    literal_column,
+    or_,
+    select,
+    update,
+)
 
 from ca.errors import CAError, Kind
 from ca.policy import normalize_name_restriction
@@ -246,6 +257,8 @@ _EXPIRED_REPLACING_TO_INVALID = Prepared(
     update(AcmeOrder)
     .where(
         AcmeOrder.replaces == bindparam("b_replaces"),
+        # Implied by _LIVE; written as the partial index's own literal term so SQLite uses it.
+        AcmeOrder.status != literal_column("'invalid'"),
         _LIVE,
         AcmeOrder.expires <= bindparam("b_now"),
     )
