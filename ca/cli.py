@@ -186,6 +186,22 @@ def _load_root_cert(path: str) -> x509.Certificate:
         raise CAError(Kind.BAD_REQUEST, f"{path} is not a PEM certificate") from None
 
 
+def _root_key(
+    runtime: Runtime,
+    module: str | None,
+    root_token: str,
+    root_pin_file: str | None,
+    root_key_label: str,
+    root_cert: str,
+) -> ceremony.RootKey:
+    """The offline root's key on its token, checked against its certificate (the root options)."""
+    return ceremony.load_root(
+        _root_token(module, root_token, root_pin_file, runtime),
+        root_key_label,
+        _load_root_cert(root_cert),
+    )
+
+
 @main.group(name="ceremony")
 def ceremony_group() -> None:
     """Root key ceremony: the only commands that use the offline root's token."""
@@ -262,11 +278,7 @@ def ceremony_intermediate(
     out: str | None,
 ) -> None:
     """Create an online intermediate: key on the online token, certificate from the root."""
-    root = ceremony.load_root(
-        _root_token(module, root_token, root_pin_file, runtime),
-        root_key_label,
-        _load_root_cert(root_cert),
-    )
+    root = _root_key(runtime, module, root_token, root_pin_file, root_key_label, root_cert)
     certificate = ceremony.create_intermediate(
         runtime.storage,
         root,
@@ -309,11 +321,7 @@ def ceremony_cross_sign(
     out: str | None,
 ) -> None:
     """Have another root certify an existing intermediate (same subject and key)."""
-    root = ceremony.load_root(
-        _root_token(module, root_token, root_pin_file, runtime),
-        root_key_label,
-        _load_root_cert(root_cert),
-    )
+    root = _root_key(runtime, module, root_token, root_pin_file, root_key_label, root_cert)
     certificate = ceremony.cross_sign(
         runtime.storage,
         root,
@@ -362,11 +370,7 @@ def ceremony_crl(
     out: str | None,
 ) -> None:
     """Sign the root's CRL (ARL) listing revoked intermediates."""
-    root = ceremony.load_root(
-        _root_token(module, root_token, root_pin_file, runtime),
-        root_key_label,
-        _load_root_cert(root_cert),
-    )
+    root = _root_key(runtime, module, root_token, root_pin_file, root_key_label, root_cert)
     crl = ceremony.sign_root_crl(
         runtime.storage,
         root,
