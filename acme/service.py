@@ -39,6 +39,7 @@ from ca import certs, policy
 from ca.errors import CAError, Kind
 from ca.policy import Identifier
 from ca.runtime import Runtime
+from ca.storage import CertificateRecord, IssuerRecord
 from ca.storage.acme_store import (
     Account,
     AcmeStore,
@@ -457,14 +458,10 @@ class AcmeService:
         """RFC 9773 §5: `replaces` names a certificate of ours that this account may replace."""
         if not isinstance(replaces, str):
             raise problems.malformed("replaces must be a string")
-        aki, serial = parse_ari_cert_id(replaces)
-        try:
-            record = self.runtime.storage.get_certificate(certs.serial_hex(serial))
-            issuer = self.runtime.storage.get_issuer(record.issuer_id)
-        except CAError:
-            raise problems.malformed("replaces names an unknown certificate") from None
-        if bytes.fromhex(issuer.ski) != aki:
+        found = self._ari_certificate(replaces)
+        if found is None:
             raise problems.malformed("replaces names an unknown certificate")
+        record = found[0]
         names = {n.removeprefix("*.") for n in record.names}
         if record.acme_account_id != account.id:
             held = self.store.valid_authorization_values(account.id, self.clock.now())
@@ -845,9 +842,7 @@ class AcmeService:
         """One chain per unexpired cross-certificate of the issuer: it, then the chain above
         its signer when that is not a root. Read on every download, not cached: the ceremony
         adds cross-certificates from another process, and this is one small indexed query."""
-        crosses = self.runtime.storage.list_cross_certificates(
-            issuer_id=issuer_id, valid_at=self.clock.now()
-        )
+        crosses = self.runtime.storage.cross_certificates_of(issuer_id, self.clock.now())
         return [
             [x509.load_der_x509_certificate(c.cert_der), *self._chain(c.parent_id)] for c in crosses
         ]
@@ -903,15 +898,22 @@ class AcmeService:
 
     # -- ARI (RFC 9773) ---------------------------------------------------------------------
 
-    def renewal_info(self, cert_id: str) -> tuple[dict[str, Any], int]:
+    def _ari_certificate(self, cert_id: str) -> tuple[CertificateRecord, IssuerRecord] | None:
+        """The certificate an RFC 9773 identifier names, with its issuer: None when no
+        certificate of ours has that serial under that issuer key (malformed ids raise)."""
         aki, serial = parse_ari_cert_id(cert_id)
         try:
             record = self.runtime.storage.get_certificate(certs.serial_hex(serial))
             issuer = self.runtime.storage.get_issuer(record.issuer_id)
         except CAError:
-            raise problems.not_found("no such certificate") from None
-        if bytes.fromhex(issuer.ski) != aki or record.der is None:
+            return None
+        return (record, issuer) if bytes.fromhex(issuer.ski) == aki else None
+
+    def renewal_info(self, cert_id: str) -> tuple[dict[str, Any], int]:
+        found = self._ari_certificate(cert_id)
+        if found is None or found[0].der is None:
             raise problems.not_found("no such certificate")
+        record, issuer = found
         now = self.clock.now()
         try:  # inventory: the last time a client asked; never fails the request
             mark_ari_checked(self.runtime.storage, record.serial, now)

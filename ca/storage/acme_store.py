@@ -222,11 +222,12 @@ _SETTLE_AUTHZ = Prepared(
     .values(
         status=bindparam("b_status"),
         validated_at=bindparam("b_validated"),
-        expires=bindparam("b_expires"),
+        # A new expiry when one is given (a valid authorization's), else the one it has.
+        expires=func.coalesce(
+            bindparam("b_expires", type_=AcmeAuthorization.expires.type),
+            AcmeAuthorization.expires,
+        ),
     )
-)
-_AUTHZ_EXPIRES = Prepared(
-    select(AcmeAuthorization.expires).where(AcmeAuthorization.id == bindparam("b_id"))
 )
 _AUTHZ_ORDER_IDS = Prepared(
     select(AcmeOrderAuthorization.order_id).where(
@@ -789,15 +790,13 @@ class AcmeStore:
             ).scalar()
             if authz_id is None:
                 return False  # someone else finished it
-            if valid_until is None or not valid:
-                valid_until = _AUTHZ_EXPIRES.run(connection, {"b_id": authz_id}).scalar()
             _SETTLE_AUTHZ.run(
                 connection,
                 {
                     "b_id": authz_id,
                     "b_status": "valid" if valid else "invalid",
                     "b_validated": now if valid else None,
-                    "b_expires": valid_until,
+                    "b_expires": valid_until if valid else None,
                 },
             )
             for order_id in list(_AUTHZ_ORDER_IDS.run(connection, {"b_id": authz_id}).scalars()):
